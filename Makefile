@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set up .venv first (once), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On a machine without a GPU, install the CPU build of torch first so that pip does not pull a multi-GB CUDA build.
+# On a GPU machine, a torch already importable by $(PYTHON) with CUDA is reused through --system-site-packages.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	    echo "Using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed launch/train.py task=qa
+
+test: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

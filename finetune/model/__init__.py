@@ -1,0 +1,20 @@
+"""GPT-J backbone and heads (no training code here)."""
+from .gptj import PRESETS, GPTJConfig, GPTJModel, KVCache, ModelConfigError
+from .heads import (
+    ARCHITECTURES,
+    HEADS,
+    CausalLMOutput,
+    GPTJForCausalLM,
+    GPTJForQuestionAnswering,
+    GPTJForSequenceClassification,
+    GPTJPreTrainedModel,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+    build_model,
+)
+
+__all__ = [
+    "PRESETS", "GPTJConfig", "GPTJModel", "KVCache", "ModelConfigError", "ARCHITECTURES", "HEADS",
+    "CausalLMOutput", "GPTJForCausalLM", "GPTJForQuestionAnswering", "GPTJForSequenceClassification",
+    "GPTJPreTrainedModel", "QuestionAnsweringOutput", "SequenceClassifierOutput", "build_model",
+]

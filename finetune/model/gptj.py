@@ -1,0 +1,336 @@
+"""GPT-J: configuration and backbone, numerically equal to Hugging Face transformers' GPT-J.
+
+One block: a single LayerNorm feeds attention and MLP in parallel, and the block returns
+x + attn(ln(x)) + mlp(ln(x)). Rotary embeddings cover the first `rotary_dim` dims of each head,
+interleaved ("rotate every two", as in the original Mesh-Transformer-JAX code).
+Module and parameter names are HF's, so HF state dicts load with strict=True.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# One (key, value) pair per layer, each (B, n_head, T_past, head_dim).
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class ModelConfigError(ValueError):
+    """A model config (preset, override or config.json) is not a usable GPT-J config."""
+
+
+@dataclass
+class GPTJConfig:
+    """GPT-J hyper-parameters, with the field names and defaults of HF's `GPTJConfig` (GPT-J 6B)."""
+
+    vocab_size: int = 50400
+    n_positions: int = 2048
+    n_embd: int = 4096
+    n_layer: int = 28
+    n_head: int = 16
+    rotary_dim: Optional[int] = 64
+    n_inner: Optional[int] = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: Optional[int] = None
+    tie_word_embeddings: bool = False
+    # Classification head.
+    num_labels: int = 2
+    problem_type: Optional[str] = None  # regression | single_label_classification | multi_label_classification
+    id2label: Optional[dict[int, str]] = None
+    # Keys of a config.json this class does not model; written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ModelConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them."
+            )
+        if self.rotary_dim is not None and (self.rotary_dim > self.head_dim or self.rotary_dim % 2):
+            raise ModelConfigError(
+                f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})."
+            )
+        if self.activation_function not in _ACTIVATIONS:
+            raise ModelConfigError(
+                f"activation_function {self.activation_function!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    # --- HF config.json interop -------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "GPTJConfig":
+        model_type = raw.get("model_type", "gptj")
+        if model_type != "gptj":
+            raise ModelConfigError(
+                f"config.json has model_type {model_type!r}, but this framework fine-tunes GPT-J "
+                "(model_type 'gptj'); point model.path at a GPT-J checkpoint."
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "id2label"}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if raw.get("id2label") is not None:
+            kwargs["id2label"] = {int(k): v for k, v in raw["id2label"].items()}
+            kwargs.setdefault("num_labels", len(kwargs["id2label"]))
+        # HF writes label2id and derived keys itself; everything else unknown round-trips.
+        derived = {"model_type", "label2id", "architectures", "transformers_version", "torch_dtype", "dtype"}
+        extra = {k: v for k, v in raw.items() if k not in known and k not in derived and k != "id2label"}
+        return cls(**kwargs, extra=extra)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "id2label")}
+        id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        out["id2label"] = {str(i): name for i, name in id2label.items()}
+        out["label2id"] = {name: i for i, name in id2label.items()}
+        out.update(self.extra)
+        out["model_type"] = "gptj"
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "GPTJConfig":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ModelConfigError(f"{path} is not valid JSON ({err}); re-export the checkpoint's config.json.") from None
+        return cls.from_hf_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """HF-style dict; peft reads the base model's config through this."""
+        return self.to_hf_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_hf_dict().get(key, default)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTJConfig":
+        if name not in PRESETS:
+            raise ModelConfigError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ModelConfigError(
+                f"model.overrides has unknown GPT-J config keys {sorted(unknown)}; valid keys are the fields of GPTJConfig "
+                "(n_layer, n_embd, n_head, rotary_dim, n_inner, vocab_size, n_positions, ...)."
+            )
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gptj-6b": {},
+    # Same code path as 6B: every feature (partial rotary, parallel block, 50400 vocab) is exercised.
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 8},
+}
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation used by GPT-2 / GPT-J ("gelu_new" in HF).
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+_ACTIVATIONS = {
+    "gelu_new": gelu_new,
+    "gelu": F.gelu,
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+# --- rotary position embedding --------------------------------------------------------------------
+def rotary_sin_cos(position_ids: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin, cos of shape (B, T, rotary_dim // 2), computed in fp32 exactly as HF's table is."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device) / rotary_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, rotary_dim/2)
+    return torch.sin(angles), torch.cos(angles)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    # Pairs (x0, x1), (x2, x3), ... rotate as complex numbers: (x0, x1) -> (-x1, x0).
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, n_head, rotary_dim); sin/cos: (B, T, rotary_dim/2), interleaved to match the pairs."""
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, dim=3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, dim=3)
+    return (x * cos + rotate_every_two(x) * sin).to(x.dtype)
+
+
+# --- the block ------------------------------------------------------------------------------------
+class GPTJAttention(nn.Module):
+    def __init__(self, config: GPTJConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.rotary_dim = config.rotary_dim
+        self.attn_pdrop = config.attn_pdrop
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sin: torch.Tensor,
+        cos: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
+        rd = self.rotary_dim or self.head_dim
+        q = torch.cat([apply_rotary(q[..., :rd], sin, cos), q[..., rd:]], dim=-1)
+        k = torch.cat([apply_rotary(k[..., :rd], sin, cos), k[..., rd:]], dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_dim)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        # SDPA keeps softmax in fp32 internally; attn_mask None means plain causal (the fast kernel path).
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=attn_mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y)), (k, v)
+
+
+class GPTJMLP(nn.Module):
+    def __init__(self, config: GPTJConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
+        self.fc_out = nn.Linear(config.inner_dim, config.n_embd)
+        self.act = _ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class GPTJBlock(nn.Module):
+    def __init__(self, config: GPTJConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPTJAttention(config)
+        self.mlp = GPTJMLP(config)
+
+    def forward(self, x, sin, cos, attn_mask, past=None):
+        h = self.ln_1(x)
+        attn_out, present = self.attn(h, sin, cos, attn_mask, past)
+        return x + attn_out + self.mlp(h), present
+
+
+# --- the backbone ---------------------------------------------------------------------------------
+def attention_mask_4d(
+    attention_mask: Optional[torch.Tensor], q_len: int, kv_len: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """Boolean (B, 1, q_len, kv_len) mask, True = may attend: causal, and only to non-pad keys.
+
+    None when plain causal attention is exact (no padding, no cache), so SDPA can use its causal kernels.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if q_len == kv_len or q_len == 1:
+            return None
+        attention_mask = torch.ones(1, kv_len, dtype=torch.bool, device=device)
+    # Query i sits at absolute position (kv_len - q_len + i) when a cache precedes it.
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & attention_mask.bool()[:, None, None, :]
+    # A pad query (left padding) may see no key at all; let it see every key so softmax stays finite.
+    # Its output is never used: its own key is masked for every other position and its label is ignored.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Positions counting only real tokens, so left-padded rows start at 0 like unpadded ones."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -q_len:]
+
+
+class GPTJModel(nn.Module):
+    """Embeddings, `n_layer` parallel blocks, final LayerNorm. Returns hidden states (B, T, n_embd)."""
+
+    def __init__(self, config: GPTJConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPTJBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is not None and attention_mask.shape[1] != past_len + T:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_len} and "
+                f"input_ids {T}; pass the mask of the whole sequence so far."
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = position_ids_from_mask(attention_mask, T)
+            else:
+                position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+        attn_mask = attention_mask_4d(attention_mask, T, past_len + T, input_ids.device)
+        sin, cos = rotary_sin_cos(position_ids, self.config.rotary_dim or self.config.head_dim)
+
+        x = self.drop(self.wte(input_ids))  # (B, T, n_embd)
+        sin, cos = sin.to(x.dtype), cos.to(x.dtype)
+        presents = []
+        for i, block in enumerate(self.h):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training:
+                # Non-reentrant: works with ZeRO-3's parameter hooks and inputs that need no grad.
+                x, present = checkpoint(block, x, sin, cos, attn_mask, past, use_reentrant=False)
+            else:
+                x, present = block(x, sin, cos, attn_mask, past)
+            if use_cache:
+                presents.append(present)
+        return self.ln_f(x), (tuple(presents) if use_cache else None)
+
+
+@torch.no_grad()
+def init_module_weights(module: nn.Module, initializer_range: float) -> None:
+    """HF GPT-J's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.normal_(mean=0.0, std=initializer_range)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
