@@ -5,6 +5,7 @@ one place (the runner). Library code receives the dataclasses (or plain argument
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # Preset name (`tiny`, `gptj-6b`) used when `path` is unset or holds no config.json.
+    # Preset name (`tiny`, `gptj-6b`): the architecture when `path` is unset (random init).
     name: str = "tiny"
     # Local HF checkpoint directory, or a hub id (online only). None: random init from the preset.
     path: Optional[str] = None
@@ -86,3 +87,197 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+
+def to_typed(schema: type, node: Any, *, section: str):
+    """Turn one composed config section (DictConfig or dict) into the dataclass `schema`.
+
+    Unknown keys and wrongly typed values become a ConfigError naming `section.key`.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = getattr(err, "key", None) or str(err)
+        raise ConfigError(
+            f"Unknown config key '{section}.{key}'. Check the spelling; the valid keys of '{section}' are: "
+            f"{', '.join(f.name for f in dataclasses.fields(schema))}."
+        ) from None
+    except ValidationError as err:
+        key = getattr(err, "key", None) or "?"
+        raise ConfigError(f"Config value '{section}.{key}' is invalid: {str(err.msg).splitlines()[0]}.") from None
+
+
+# ------------------------------------------------------------------------------------------------ training
+PRECISIONS = ("bf16", "fp16", "fp32")
+TASKS = ("clm", "cls", "qa")
+SCHEDULERS = ("cosine", "linear", "constant")
+LOGGER_BACKENDS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "qa"  # clm | cls | qa
+
+
+@dataclass
+class TrainerConfig:
+    # Optimizer steps of the whole run; null: `epochs` passes over the training data.
+    max_steps: Optional[int] = 300
+    epochs: float = 1.0
+    # Stop after this many optimizer steps (checkpoint saved, LR schedule unchanged), to continue later.
+    stop_after_steps: Optional[int] = None
+    micro_batch_size: int = 8  # per rank
+    eval_micro_batch_size: Optional[int] = None  # None: micro_batch_size
+    grad_accum_steps: int = 1
+    precision: str = "fp32"  # bf16 | fp16 | fp32: the training compute dtype (DeepSpeed's bf16/fp16 sections)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0: only at the end
+    save_every: int = 0  # optimizer steps; 0: only at the end
+    keep_last: int = 2  # checkpoints kept in run_dir/checkpoints
+    eval_at_end: bool = True
+    seed: int = 42
+    num_workers: int = 0  # DataLoader workers per rank
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # not applied to biases and LayerNorm weights
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear (decay to 0) | constant (after warmup)
+    warmup_steps: Optional[int] = None  # None: warmup_ratio * total steps
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1  # cosine: final lr = min_lr_ratio * lr
+
+
+@dataclass
+class DeepSpeedSection:
+    # DeepSpeed JSON: a path (absolute, or relative to the working directory or to the project root).
+    config_file: str = "ds_configs/zero3.json"
+    # Where ZeRO-3 NVMe offload swaps parameters and optimizer states (a fast local disk); required by zero3_nvme.
+    nvme_path: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Also write merged full weights into final/ (next to the adapter), loadable without peft.
+    merge_into_final: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none | wandb (metrics.jsonl is written either way)
+    mode: str = "offline"  # W&B: online | offline | disabled
+    project: str = "gptj-finetune"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # W&B run name; None: the run dir's name
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, typed and cross-checked."""
+
+    task: str
+    model: ModelConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    optim: OptimConfig
+    scheduler: SchedulerConfig
+    deepspeed: DeepSpeedSection
+    lora: LoraConfig
+    logger: LoggerConfig
+    # The composed config as plain containers (for W&B and logs).
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_config(cfg: Any) -> RunConfig:
+    """The composed Hydra config -> RunConfig, with every check that needs no model, data or world size.
+
+    The remaining checks happen where their inputs exist: DeepSpeed JSON vs config (engine.build_ds_config),
+    LoRA targets vs model (lora.apply_lora), sequence length vs model positions (runner).
+    """
+    from omegaconf import OmegaConf
+
+    task = to_typed(TaskConfig, cfg.get("task"), section="task").name
+    run = RunConfig(
+        task=task,
+        model=to_typed(ModelConfig, cfg.get("model"), section="model"),
+        data=to_typed(DataConfig, cfg.get("data"), section="data"),
+        trainer=to_typed(TrainerConfig, cfg.get("trainer"), section="trainer"),
+        optim=to_typed(OptimConfig, cfg.get("optim"), section="optim"),
+        scheduler=to_typed(SchedulerConfig, cfg.get("scheduler"), section="scheduler"),
+        deepspeed=to_typed(DeepSpeedSection, cfg.get("deepspeed"), section="deepspeed"),
+        lora=to_typed(LoraConfig, cfg.get("lora"), section="lora"),
+        logger=to_typed(LoggerConfig, cfg.get("logger"), section="logger"),
+        raw=OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg),
+    )
+    validate(run)
+    return run
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def validate(run: RunConfig) -> None:
+    """Cross-field checks of a RunConfig; the first problem raises a ConfigError naming the key and the fix."""
+    t, o, s, lg = run.trainer, run.optim, run.scheduler, run.logger
+    _require(run.task in TASKS, "task", run.task, f"choose one of {', '.join(TASKS)} (task=qa).")
+    for key, value in (("model.dtype", run.model.dtype), ("trainer.precision", t.precision)):
+        _require(value in PRECISIONS, key, value, f"use one of {', '.join(PRECISIONS)}.")
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps,
+             "set a positive number of optimizer steps, or null to train for trainer.epochs.")
+    _require(t.max_steps is not None or t.epochs > 0, "trainer.epochs", t.epochs,
+             "with trainer.max_steps=null the run length comes from epochs; set a positive value.")
+    _require(t.stop_after_steps is None or t.stop_after_steps >= 1, "trainer.stop_after_steps", t.stop_after_steps,
+             "set a positive step count (or null to run to the end).")
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size,
+             "set the per-rank micro batch to 1 or more (raise trainer.grad_accum_steps for a larger global batch).")
+    _require(t.eval_micro_batch_size is None or t.eval_micro_batch_size >= 1, "trainer.eval_micro_batch_size",
+             t.eval_micro_batch_size, "set at least 1, or null to use trainer.micro_batch_size.")
+    _require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "set at least 1.")
+    _require(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "set a max gradient norm >= 0 (0 disables).")
+    _require(t.log_every >= 1, "trainer.log_every", t.log_every, "log at least every N >= 1 steps.")
+    for key in ("eval_every", "save_every"):
+        value = getattr(t, key)
+        _require(value >= 0, f"trainer.{key}", value, "use a step interval >= 0 (0: only at the end of training).")
+    _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "keep at least the newest checkpoint (>= 1).")
+    _require(t.num_workers >= 0, "trainer.num_workers", t.num_workers, "use 0 or more DataLoader workers.")
+    _require(o.name == "adamw", "optim.name", o.name, "only adamw is supported (DeepSpeed's AdamW / CPU Adam).")
+    _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive (e.g. 1e-5 for GPT-J 6B).")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "give two values in [0, 1), e.g. [0.9, 0.95].")
+    _require(o.eps > 0, "optim.eps", o.eps, "use a small positive value such as 1e-8.")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use 0 or a positive value.")
+    _require(s.name in SCHEDULERS, "scheduler.name", s.name, f"use one of {', '.join(SCHEDULERS)} (scheduler=cosine).")
+    _require(s.warmup_steps is None or s.warmup_steps >= 0, "scheduler.warmup_steps", s.warmup_steps,
+             "use 0 or more steps, or null for warmup_ratio.")
+    _require(0 <= s.warmup_ratio < 1, "scheduler.warmup_ratio", s.warmup_ratio, "use a fraction in [0, 1).")
+    _require(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", s.min_lr_ratio, "use a fraction in [0, 1].")
+    if run.lora.enabled:
+        _require(run.lora.r >= 1, "lora.r", run.lora.r, "the LoRA rank must be at least 1 (8 or 16 are common).")
+        _require(run.lora.alpha > 0, "lora.alpha", run.lora.alpha, "use a positive scale, commonly 2 * lora.r.")
+        _require(0 <= run.lora.dropout < 1, "lora.dropout", run.lora.dropout, "use a probability in [0, 1).")
+    _require(lg.backend in LOGGER_BACKENDS, "logger.backend", lg.backend, "use logger=wandb or logger=none.")
+    _require(lg.mode in WANDB_MODES, "logger.mode", lg.mode, f"use one of {', '.join(WANDB_MODES)}.")
+    _require(run.data.max_seq_len >= 8, "data.max_seq_len", run.data.max_seq_len, "use at least 8 tokens.")

@@ -1,0 +1,46 @@
+"""Build objects from typed config sections; shared by the training runner and the launch/ scripts."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import checkpoint
+from .config import ConfigError, ModelConfig
+from .model import GPTJConfig, GPTJPreTrainedModel, build_model
+
+CONFIG_DTYPES = ("bf16", "fp16", "fp32")  # the names config files use (checkpoint.torch_dtype also takes HF's)
+
+
+def torch_dtype(name: str, *, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype of a config precision name (bf16 | fp16 | fp32); `key` names the setting in errors."""
+    if name not in CONFIG_DTYPES:
+        raise ConfigError(f"{key}={name!r} is not a supported dtype; set {key} to one of {', '.join(CONFIG_DTYPES)}.")
+    return checkpoint.torch_dtype(name)
+
+
+def build_model_from_config(
+    model_cfg: ModelConfig,
+    *,
+    task: str,
+    device: torch.device | str | None = None,
+    config_overrides: Optional[dict[str, Any]] = None,
+) -> GPTJPreTrainedModel:
+    """GPT-J with the head of `task`, in `model_cfg.dtype`, on `device` (None: CPU).
+
+    `model_cfg.path` None: a random init of the preset `model_cfg.name`; else the checkpoint there.
+    `model_cfg.overrides` and then `config_overrides` (what the task decides, e.g. num_labels) are applied
+    to the GPT-J config either way.
+    """
+    dtype = torch_dtype(model_cfg.dtype)
+    overrides = {**model_cfg.overrides, **(config_overrides or {})}
+    if model_cfg.path is None:
+        config = GPTJConfig.preset(model_cfg.name, **overrides)
+        # Init in fp32 on the target device, then cast: HF's init draws its random numbers in fp32.
+        model = build_model(config, task=task, device=device).to(dtype)
+    else:
+        model = checkpoint.load_pretrained(
+            model_cfg.path, task=task, dtype=dtype, config_overrides=overrides or None, device=device or "cpu"
+        )
+    model.gradient_checkpointing_enable(model_cfg.gradient_checkpointing)
+    return model
