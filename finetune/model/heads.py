@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,21 +11,20 @@ from torch import nn
 from .gptj import GPTJConfig, GPTJModel, KVCache, init_module_weights
 
 
-@dataclass
-class CausalLMOutput:
+# NamedTuples rather than dataclasses: DeepSpeed's ZeRO-3 hooks walk tuples to find the output tensors
+# (for its backward-pass parameter gathering); a dataclass hides them and draws a warning.
+class CausalLMOutput(NamedTuple):
     loss: Optional[torch.Tensor]
     logits: torch.Tensor  # (B, T, vocab), fp32
     past_key_values: Optional[KVCache] = None
 
 
-@dataclass
-class SequenceClassifierOutput:
+class SequenceClassifierOutput(NamedTuple):
     loss: Optional[torch.Tensor]
     logits: torch.Tensor  # (B, num_labels), fp32
 
 
-@dataclass
-class QuestionAnsweringOutput:
+class QuestionAnsweringOutput(NamedTuple):
     loss: Optional[torch.Tensor]
     start_logits: torch.Tensor  # (B, T), fp32
     end_logits: torch.Tensor
