@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -47,32 +48,38 @@ class GPTJTokenizer:
         if eos is None:
             raise ValueError(f"The tokenizer has no {ENDOFTEXT} token; a GPT-2/GPT-J BPE tokenizer is required.")
         self._eos_id: int = eos
-        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: PathLike | None = None) -> "GPTJTokenizer":
-        """Load from a checkpoint directory or a tokenizer file; the bundled GPT-2 BPE when there is none.
+        """Load from a checkpoint directory, a tokenizer file or a hub id; the bundled GPT-2 BPE when there is none.
 
         In a directory, `tokenizer.json` is preferred, else `vocab.json` + `merges.txt` (with `added_tokens.json`
-        applied, as in EleutherAI's GPT-J files). A directory with neither, or `path=None`, gives the bundled
-        tokenizer, which equals GPT-J's.
+        and `special_tokens_map.json` applied, as in EleutherAI's GPT-J files). A directory with neither, or
+        `path=None`, gives the bundled tokenizer, which equals GPT-J's. A path that does not exist is tried as a
+        hub id (online only).
         """
         if path is None:
             return cls(Tokenizer.from_file(str(BUNDLED_TOKENIZER)))
-        path = Path(path)
-        if path.is_file():
-            return cls(Tokenizer.from_file(str(path)))
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"Tokenizer path {str(path)!r} is neither a file nor a directory. Pass a checkpoint directory, "
-                "a tokenizer.json file, or nothing to use the bundled GPT-J tokenizer."
-            )
-        if (path / "tokenizer.json").is_file():
-            return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return cls(_from_vocab_and_merges(path))
-        return cls.from_pretrained(None)
+        local = Path(path)
+        if local.is_file():
+            return cls(Tokenizer.from_file(str(local)))
+        if local.is_dir():
+            if (local / "tokenizer.json").is_file():
+                return cls(Tokenizer.from_file(str(local / "tokenizer.json")))
+            if (local / "vocab.json").is_file() and (local / "merges.txt").is_file():
+                return cls(_from_vocab_and_merges(local))
+            return cls.from_pretrained(None)
+        reason = "it does not look like a hub id (owner/name)"
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
+            try:
+                return cls(Tokenizer.from_pretrained(str(path)))
+            except Exception as error:
+                reason = f"loading it as a hub id failed ({type(error).__name__}; offline?)"
+        raise FileNotFoundError(
+            f"Tokenizer path {str(path)!r} is neither a file nor a directory, and {reason}. Pass a checkpoint "
+            "directory, a tokenizer.json file, or nothing to use the bundled GPT-J tokenizer."
+        )
 
     def save_pretrained(self, directory: PathLike) -> list[Path]:
         """Write `tokenizer.json`, `vocab.json`, `merges.txt` and the configs that transformers' AutoTokenizer reads."""
@@ -116,14 +123,15 @@ class GPTJTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the full tokenizer definition; data caches are keyed on it so a changed tokenizer re-tokenizes."""
-        if self._fingerprint is None:
-            self._fingerprint = hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
-        return self._fingerprint
+        """Hash of the full tokenizer definition; data caches are keyed on it so a changed tokenizer re-tokenizes.
+
+        Recomputed on each access (a few ms), so it follows changes made through `backend`.
+        """
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ encoding and decoding
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. GPT-J's tokenizer adds no bos/eos even with `add_special_tokens=True`, like transformers'."""
+        """Token ids of `text`. Like transformers' GPT-J tokenizer, it adds no bos/eos even with add_special_tokens."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
@@ -179,6 +187,13 @@ def _from_vocab_and_merges(directory: Path) -> Tokenizer:
     backend = Tokenizer(BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    special_file = directory / "special_tokens_map.json"
+    if special_file.is_file():
+        for value in json.loads(special_file.read_text()).values():
+            for token in value if isinstance(value, list) else [value]:
+                content = token["content"] if isinstance(token, dict) else token
+                if backend.token_to_id(content) is not None:  # only mark existing tokens; never grow the vocab here
+                    backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
     added_file = directory / "added_tokens.json"
     if added_file.is_file():
         added: dict[str, int] = json.loads(added_file.read_text())

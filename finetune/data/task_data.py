@@ -1,0 +1,34 @@
+"""What every task's data loader returns to the runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import datasets
+
+# Columns the model consumes, per task; others (QA's example_id, offset_mapping) are for post-processing only.
+MODEL_INPUT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "clm": ("input_ids", "attention_mask", "labels"),
+    "cls": ("input_ids", "attention_mask", "labels"),
+    "qa": ("input_ids", "attention_mask", "start_positions", "end_positions"),
+}
+
+
+@dataclass
+class TaskData:
+    """Model-ready features of one task.
+
+    clm: input_ids, attention_mask, labels (-100: no loss).
+    cls: input_ids, attention_mask, labels (int; multi-hot list[float]; or float for regression).
+    qa: input_ids, attention_mask, start_positions, end_positions; `validation` also keeps example_id and
+    offset_mapping ((start, end) into the context for context tokens, None elsewhere) for post-processing, and
+    `validation_examples` holds the raw examples (id, title, context, question, answers).
+    """
+
+    train: datasets.Dataset
+    validation: Optional[datasets.Dataset]
+    validation_examples: Optional[datasets.Dataset] = None
+    num_labels: Optional[int] = None
+    id2label: Optional[dict[int, str]] = None
+    # HF names: single_label_classification | multi_label_classification | regression
+    problem_type: Optional[str] = None
