@@ -97,6 +97,13 @@ def to_typed(schema: type, node: Any, *, section: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, ValidationError
 
+    # A `???` (mandatory) value would be silently dropped by the merge below and the default used instead.
+    missing = sorted(OmegaConf.missing_keys(node)) if OmegaConf.is_config(node) else []
+    if missing:  # keys come relative to the root config when `node` is a section of it
+        keys = [key if key.startswith(f"{section}.") else f"{section}.{key}" for key in missing]
+        raise ConfigError(
+            f"{', '.join(keys)} must be set (the config has ??? there); pass {keys[0]}=... on the command line."
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
@@ -148,7 +155,7 @@ class TrainerConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 2e-3
+    lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # not applied to biases and LayerNorm weights

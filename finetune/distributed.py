@@ -1,0 +1,187 @@
+"""Rank and world discovery, process-group setup, seeding and rank-0 helpers.
+
+Launchers: `deepspeed` and `torchrun` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; `srun` (one task per GPU) sets
+SLURM_* only, mapped here; a plain `python launch/train.py` is a world of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher's environment, before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def launch_stamp() -> str:
+    """A name every rank of one launch computes alike without communicating, for the default run dir.
+
+    SLURM: the job (and step) id. Under a launcher (deepspeed, torchrun) all local ranks are children of one
+    launcher process, so its start time is shared. Otherwise (plain python) the current time.
+    """
+    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    started = time.time()
+    if "LOCAL_RANK" in os.environ:
+        try:
+            import psutil
+
+            started = psutil.Process(os.getppid()).create_time()
+        except Exception:  # noqa: BLE001 -- no parent info: the ranks broadcast rank 0's dir anyway
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+
+
+def _fill_env_from_slurm_or_single() -> None:
+    """Give torch.distributed's env:// init what it needs when no torch-style launcher set it."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        # MASTER_ADDR/PORT come from the sbatch script (first node of the allocation).
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Create the process group (NCCL on GPU, gloo on CPU: the accelerator's backend) and bind the local device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _fill_env_from_slurm_or_single()
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, verbose=env_rank() == 0
+    )
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+    quiet_logs(info)
+    return info
+
+
+# DeepSpeed warnings that say nothing actionable here: the task heads return dataclasses, which ZeRO-3's hooks
+# cannot look into, but the head modules own no parameters directly, so no hook is missed; get_lr is asked for
+# before the first step by DeepSpeed itself.
+_HARMLESS_DS_WARNINGS = (
+    "A module has unknown inputs or outputs type",
+    "Attempting to get learning rate from scheduler",
+)
+
+
+def quiet_logs(info: DistInfo) -> None:
+    """DeepSpeed logs at INFO on every rank: rank 0 keeps warnings of substance, the others errors only."""
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING if info.is_main else logging.ERROR)
+    ds_logger.addFilter(lambda record: not any(text in record.getMessage() for text in _HARMLESS_DS_WARNINGS))
+    # DeepSpeed still calls collectives that torch renamed; the deprecation is DeepSpeed's to act on, not a user's.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the body first (e.g. dataset processing that fills a cache); the others run it afterwards."""
+    if not info.is_main:
+        barrier()
+    yield
+    if info.is_main:
+        barrier()
+
+
+def broadcast_object(obj: Any, *, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank."""
+    if not torch.distributed.is_initialized():
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """One entry per rank, in rank order."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over ranks (one collective for the whole list)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch, accelerator), to restore on resume."""
+    from deepspeed.accelerator import get_accelerator
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if get_accelerator().device_name() != "cpu":
+        state["accelerator"] = get_accelerator().get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])

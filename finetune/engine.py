@@ -1,0 +1,234 @@
+"""DeepSpeed config assembly and engine creation.
+
+The DeepSpeed JSON (ds_configs/*.json or the user's own) holds ZeRO, offload and precision details; batch sizes,
+optimizer and schedule values have one source, the Hydra config. `build_ds_config` writes those into the JSON's
+"auto" fields and refuses explicit JSON values that contradict them, so a run never trains with numbers the user
+did not ask for. It is a pure function of its inputs (no distributed state), unit-tested without launching.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from .config import ConfigError, OptimConfig, SchedulerConfig, TrainerConfig
+
+AUTO = "auto"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Hydra scheduler name -> DeepSpeed scheduler type.
+DS_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def resolve_config_path(config_file: str) -> Path:
+    """`deepspeed.config_file` as an existing path: absolute, else relative to the working directory or the project."""
+    path = Path(config_file).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"deepspeed.config_file={config_file!r} does not exist (looked in: {', '.join(map(str, candidates))}); "
+        "pick a shipped one with deepspeed=zero2|zero3|zero3_offload|zero3_nvme|none, or give the path of your JSON."
+    )
+
+
+def load_ds_json(config_file: str) -> tuple[dict[str, Any], str]:
+    """Read a DeepSpeed JSON; returns (dict, resolved path) for error messages."""
+    path = resolve_config_path(config_file)
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"The DeepSpeed config {path} is not valid JSON ({err}); fix the file.") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"The DeepSpeed config {path} must hold a JSON object ({{...}}); fix the file.")
+    return loaded, str(path)
+
+
+def warmup_steps(scheduler: SchedulerConfig, total_steps: int) -> int:
+    """Warmup length in optimizer steps; at least 1 because DeepSpeed's schedulers require a positive count."""
+    steps = scheduler.warmup_steps
+    if steps is None:
+        steps = round(scheduler.warmup_ratio * total_steps)
+    return max(1, min(steps, total_steps))
+
+
+def scheduler_section(scheduler: SchedulerConfig, *, lr: float, total_steps: int) -> dict[str, Any]:
+    """DeepSpeed's "scheduler" section for the Hydra scheduler config; stepped once per optimizer step."""
+    warmup = warmup_steps(scheduler, total_steps)
+    if scheduler.name == "cosine":  # peaks at the optimizer's lr
+        params = {"total_num_steps": total_steps, "warmup_min_ratio": 0.0, "warmup_num_steps": warmup,
+                  "cos_min_ratio": scheduler.min_lr_ratio, "warmup_type": "linear"}
+    elif scheduler.name == "linear":
+        params = {"total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                  "warmup_num_steps": warmup, "warmup_type": "linear"}
+    else:
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+    return {"type": DS_SCHEDULERS[scheduler.name], "params": params}
+
+
+def offload_devices(ds_config: dict[str, Any]) -> set[str]:
+    """Devices ZeRO offloads to ("cpu", "nvme"); empty when nothing is offloaded."""
+    zero = ds_config.get("zero_optimization") or {}
+    devices = {(zero.get(key) or {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+    return devices - {"none", None}
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def build_ds_config(
+    base: dict[str, Any],
+    *,
+    source: str,
+    trainer: TrainerConfig,
+    optim: OptimConfig,
+    scheduler: SchedulerConfig,
+    world_size: int,
+    total_steps: int,
+    nvme_path: Optional[str] = None,
+    accelerator: str = "cuda",
+) -> dict[str, Any]:
+    """The DeepSpeed config dict to train with: `base` (read from `source`) with every "auto" filled.
+
+    Raises ConfigError for an explicit JSON value that contradicts the Hydra config (e.g. train_batch_size 64
+    while micro_batch * grad_accum * world_size = 16), fp16 and bf16 both on, NVMe offload without
+    `deepspeed.nvme_path`, or an "auto" this function does not know how to fill.
+    `accelerator` is DeepSpeed's accelerator name: on "cpu" without offload, torch's AdamW replaces FusedAdam.
+    """
+    ds = copy.deepcopy(base)
+    filler = _Filler(ds, source)
+    precision = trainer.precision
+    if _enabled(ds.get("fp16")) is True and _enabled(ds.get("bf16")) is True:
+        raise ConfigError(
+            f"{source} enables both fp16 and bf16; set both \"enabled\" fields to \"auto\" and choose one with "
+            "trainer.precision=bf16|fp16|fp32."
+        )
+    batch = trainer.micro_batch_size * trainer.grad_accum_steps * world_size
+    filler.fill(("train_batch_size",), batch,
+                f"set it to \"auto\", or make trainer.micro_batch_size * trainer.grad_accum_steps * world size "
+                f"({trainer.micro_batch_size} * {trainer.grad_accum_steps} * {world_size}) equal it")
+    filler.fill(("train_micro_batch_size_per_gpu",), trainer.micro_batch_size,
+                "set it to \"auto\" or set trainer.micro_batch_size to it")
+    filler.fill(("gradient_accumulation_steps",), trainer.grad_accum_steps,
+                "set it to \"auto\" or set trainer.grad_accum_steps to it")
+    filler.fill(("gradient_clipping",), trainer.grad_clip, "set it to \"auto\" or set trainer.grad_clip to it")
+    for name in ("bf16", "fp16"):
+        filler.fill((name, "enabled"), precision == name,
+                    f"set it to \"auto\" and choose the precision with trainer.precision (now {precision})")
+
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        raise ConfigError(
+            f"{source}: optimizer.type={optimizer.get('type')!r} is not supported; use \"AdamW\" (DeepSpeed picks "
+            "CPU Adam under offload and FusedAdam on GPU), with its params set from optim.* in the Hydra config."
+        )
+    optimizer.setdefault("params", {})
+    for key, value in (("lr", optim.lr), ("betas", list(optim.betas)), ("eps", optim.eps),
+                       ("weight_decay", optim.weight_decay)):
+        filler.fill(("optimizer", "params", key), value, f"set it to \"auto\" or set optim.{key} to it")
+    if accelerator == "cpu" and not offload_devices(ds):
+        optimizer["params"].setdefault("torch_adam", True)  # FusedAdam would compile a CPU kernel for nothing
+
+    wanted = scheduler_section(scheduler, lr=optim.lr, total_steps=total_steps)
+    section = ds.setdefault("scheduler", {"type": AUTO, "params": AUTO})
+    filler.fill(("scheduler", "type"), wanted["type"],
+                "set it to \"auto\" and choose the schedule with scheduler=cosine|linear|constant")
+    if section.get("params", AUTO) == AUTO:
+        section["params"] = {}
+    for key, value in wanted["params"].items():
+        filler.fill(("scheduler", "params", key), value,
+                    "set it to \"auto\"; the schedule comes from scheduler.* and trainer.max_steps")
+
+    zero = ds.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        offload = zero.get(key) or {}
+        if offload.get("device") == "nvme":
+            if not nvme_path and offload.get("nvme_path") in (None, AUTO):
+                raise ConfigError(
+                    f"{source} offloads zero_optimization.{key} to NVMe but deepspeed.nvme_path is not set; pass "
+                    "deepspeed.nvme_path=/path/on/a/fast/local/disk (one directory per node, with room for the "
+                    "parameters and optimizer states)."
+                )
+            filler.fill(("zero_optimization", key, "nvme_path"), nvme_path or offload["nvme_path"],
+                        "set it to \"auto\" and give the directory with deepspeed.nvme_path")
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(
+            f"{source} has \"auto\" at {leftover}, which the Hydra config does not decide; replace it with a value."
+        )
+    return ds
+
+
+class _Filler:
+    """Writes Hydra values into a DeepSpeed dict: "auto" or absent is filled; explicit values must agree."""
+
+    def __init__(self, ds: dict[str, Any], source: str):
+        self.ds, self.source = ds, source
+
+    def fill(self, path: tuple[str, ...], value: Any, fix: str) -> None:
+        node = self.ds
+        for key in path[:-1]:
+            if node.get(key) is None or node.get(key) == AUTO:
+                node[key] = {}
+            node = node[key]
+        current = node.get(path[-1], AUTO)
+        if current != AUTO and not _same(current, value):
+            raise ConfigError(
+                f"{self.source}: \"{'.'.join(path)}\" is {json.dumps(current)} but the Hydra config gives "
+                f"{json.dumps(value)}; {fix}."
+            )
+        node[path[-1]] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):  # 1 == True in Python, not in a JSON flag
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _enabled(section: Any) -> Any:
+    return section.get("enabled") if isinstance(section, dict) else None
+
+
+def _find_auto(node: Any, path: str = "") -> Optional[str]:
+    if node == AUTO:
+        return path or "<root>"
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: weight decay for weight matrices and embeddings, none for
+    biases and LayerNorm weights (decaying a norm's gain toward 0 only hurts). Names work under peft and ZeRO-3,
+    where partitioned parameters no longer show their shape."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: float):
+    """`deepspeed.initialize` with the AdamW param groups; returns the engine (optimizer and schedule inside)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+    )
+    return engine

@@ -1,0 +1,297 @@
+"""Wires a training run from the composed config: the only place that instantiates from config.
+
+config -> process group -> tokenizer -> data (rank 0 first) -> model (under zero.Init for ZeRO-3) -> LoRA ->
+DeepSpeed engine -> loop -> final/ (HF format) + eval_results.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import distributed
+from .config import ConfigError, RunConfig, parse_config
+from .distributed import DistInfo
+from .engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
+from .model import GPTJConfig, GPTJPreTrainedModel, build_model
+from .model.gptj import init_module_weights
+from .tasks import Task, get_task
+from .tokenizer import GPTJTokenizer
+from .train_loop import Checkpointer, LoopResult, total_optimizer_steps, train, write_eval_results
+
+
+def register_resolvers() -> None:
+    """`${launch_stamp:}` for the default run dir: equal on every rank of one launch (see distributed.launch_stamp)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("launch_stamp"):
+        OmegaConf.register_new_resolver("launch_stamp", distributed.launch_stamp, use_cache=True)
+
+
+def hydra_run_dir() -> Path:
+    """The run dir Hydra created for this process (the working directory when run outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def agree_on_run_dir(info: DistInfo, own_dir: Path) -> Path:
+    """Rank 0's run dir on every rank; a rank whose clock put Hydra's dir elsewhere removes its empty stray."""
+    run_dir = Path(distributed.broadcast_object(str(own_dir.resolve())))
+    if own_dir.resolve() != run_dir and own_dir.is_dir():
+        with contextlib.suppress(OSError):
+            own_dir.rmdir()  # only when empty: never delete anything a user put there
+    return run_dir
+
+
+def model_config(run: RunConfig, task_overrides: dict[str, Any]) -> GPTJConfig:
+    """The GPT-J config to build: the checkpoint's (model.path) or the preset's, with model.overrides and the
+    task's tweaks (num_labels, pad_token_id, ...) applied."""
+    import dataclasses
+
+    from .checkpoint import read_config, resolve_model_dir
+
+    overrides = {**run.model.overrides, **task_overrides}
+    if run.model.path is None:
+        return GPTJConfig.preset(run.model.name, **overrides)
+    base = read_config(resolve_model_dir(run.model.path))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(GPTJConfig)}
+    if unknown:
+        raise ConfigError(
+            f"model.overrides has unknown GPT-J config keys {sorted(unknown)}; use GPTJConfig field names."
+        )
+    return dataclasses.replace(base, **overrides)
+
+
+def build_training_model(
+    run: RunConfig, config: GPTJConfig, *, ds_config: dict[str, Any], info: DistInfo
+) -> GPTJPreTrainedModel:
+    """The model to train, on CPU (DeepSpeed moves it): pretrained weights from model.path or a seeded random init.
+
+    ZeRO-3 builds it under `deepspeed.zero.Init`, so each rank only ever holds its partition; random init then
+    runs module by module on rank 0 inside GatheredParameters (zero.Init partitions right after each submodule's
+    __init__). Both paths draw the same random numbers from the same seed, so ZeRO-3 and ZeRO-2 start equal.
+    """
+    import deepspeed
+
+    from .builders import torch_dtype
+    from .checkpoint import load_state_into, resolve_model_dir
+
+    dtype = torch_dtype(run.model.dtype)
+    partitioned = zero_stage(ds_config) == 3
+    if partitioned:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(config, task=run.task, init=False)
+    else:  # meta: the checkpoint's tensors become the parameters, no throwaway init
+        model = build_model(config, task=run.task, device="meta" if run.model.path else None, init=False)
+    if run.model.path is not None:
+        load_state_into(model, resolve_model_dir(run.model.path), dtype=dtype)
+    else:
+        torch.manual_seed(run.trainer.seed)
+        for module in model.modules():  # the order of model.init_weights(): same numbers on every path
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=partitioned):
+                if info.is_main or not partitioned:
+                    init_module_weights(module, config.initializer_range)
+        if not partitioned:
+            model = model.to(dtype)
+    model.gradient_checkpointing_enable(run.model.gradient_checkpointing)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    # ZeRO-3 partitioned parameters keep their full size in ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJTokenizer, info: DistInfo,
+                 run_dir: Path) -> Optional[Path]:
+    """Write run_dir/final in HF format (rank 0; every rank takes part in gathering ZeRO-3 weights).
+
+    With LoRA, final/ holds the adapter (peft format, base = model.path) and the tokenizer; with merged weights
+    (lora.merge_into_final, or always after a random-init base, whose adapter alone could not be used) final/
+    holds the merged model and the adapter moves to final/adapter/: transformers applies an adapter it finds
+    next to the weights, which would add the LoRA delta a second time.
+    """
+    from .builders import torch_dtype
+    from .checkpoint import save_pretrained
+
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()  # full on rank 0, None elsewhere
+    elif info.is_main:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+    if not info.is_main:
+        return None
+    final = run_dir / "final"
+    dtype = torch_dtype(run.model.dtype)
+    if not run.lora.enabled:
+        save_pretrained(state, final, config=config, task=run.task, dtype=dtype, overwrite=True,
+                        extra_writer=tokenizer.save_pretrained)
+        return final
+    from .lora import merged_state_dict, save_adapter
+
+    def write_adapter(directory: Path) -> None:
+        save_adapter(engine.module, directory, gathered_state_dict=state, base_model_name_or_path=run.model.path)
+
+    if not (run.lora.merge_into_final or run.model.path is None):
+        staging = run_dir / ".final.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_adapter(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        return final
+    adapter_staging = run_dir / ".final.adapter.staging"
+    shutil.rmtree(adapter_staging, ignore_errors=True)
+    write_adapter(adapter_staging)  # before merging: merged_state_dict consumes `state`
+    merged = merged_state_dict(dict(state), run.lora)
+
+    def add_tokenizer_and_adapter(directory: Path) -> None:
+        tokenizer.save_pretrained(directory)
+        adapter_staging.rename(directory / "adapter")
+
+    save_pretrained(merged, final, config=config, task=run.task, dtype=dtype, overwrite=True,
+                    extra_writer=add_tokenizer_and_adapter)
+    return final
+
+
+def deepspeed_json(run: RunConfig) -> tuple[dict[str, Any], str]:
+    """The DeepSpeed JSON to fill and where it came from: deepspeed.config_file, or the memory planner's choice."""
+    if run.deepspeed.config_file == "auto":  # hook for `deepspeed=auto` (finetune.memory's plan)
+        raise ConfigError(
+            "deepspeed.config_file=auto (the memory planner's choice) is not available in this build; pick one with "
+            "deepspeed=zero2|zero3|zero3_offload|zero3_nvme|none (python launch/plan.py suggests which)."
+        )
+    return load_ds_json(run.deepspeed.config_file)
+
+
+def run(cfg: Any) -> Optional[LoopResult]:
+    """Train as the composed config says; returns the loop's result (eval results on rank 0)."""
+    run_cfg = parse_config(cfg)
+    task = get_task(run_cfg.task)
+    info = distributed.init_distributed()
+    try:
+        return _run(run_cfg, task, info)
+    finally:
+        distributed.shutdown()
+
+
+def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
+    from deepspeed.accelerator import get_accelerator
+
+    from .logging import RunLogger, mfu, peak_flops_for_device
+    from .preemption import PreemptionHandler
+
+    run_dir = agree_on_run_dir(info, hydra_run_dir())
+    if info.is_main:
+        print(f"Run dir: {run_dir}", flush=True)
+    distributed.seed_everything(run.trainer.seed)
+    base, source = deepspeed_json(run)
+
+    def ds_config_for(total_steps: int) -> dict[str, Any]:
+        return build_ds_config(
+            base, source=source, trainer=run.trainer, optim=run.optim, scheduler=run.scheduler,
+            world_size=info.world_size, total_steps=total_steps, nvme_path=run.deepspeed.nvme_path,
+            accelerator=get_accelerator().device_name(),
+        )
+
+    ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    tokenizer = GPTJTokenizer.from_pretrained(_tokenizer_source(run))
+    with distributed.main_process_first(info):
+        data = task.load_data(run.data, tokenizer)
+    config = model_config(run, task.model_overrides(data, tokenizer))
+    tokenizer.check_fits(config.vocab_size)
+    if run.data.max_seq_len > config.n_positions:
+        raise ConfigError(
+            f"data.max_seq_len={run.data.max_seq_len} exceeds the model's n_positions ({config.n_positions}); "
+            f"lower data.max_seq_len to at most {config.n_positions}."
+        )
+
+    total_steps = total_optimizer_steps(run.trainer, num_rows=len(data.train), world_size=info.world_size)
+    ds_config = ds_config_for(total_steps)
+    model = build_training_model(run, config, ds_config=ds_config, info=info)
+    distributed.seed_everything(run.trainer.seed)  # training randomness (dropout) independent of how init drew
+    num_params = count_parameters(model)
+    if run.lora.enabled:
+        from .lora import apply_lora
+
+        model = apply_lora(model, run.lora)
+    trainable = count_parameters(model, trainable_only=True)
+    engine = initialize(model, ds_config, weight_decay=run.optim.weight_decay)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", info=info, keep_last=run.trainer.keep_last)
+    resuming = checkpointer.exists()
+    start = checkpointer.load(engine) if resuming else None
+    if info.is_main:
+        what = f"Resuming at step {engine.global_steps}:" if resuming else "Training"
+        print(
+            f"{what} {run.task} | {num_params / 1e6:.1f}M params"
+            f"{f' ({trainable / 1e6:.2f}M trainable)' if trainable != num_params else ''} | "
+            f"ZeRO-{zero_stage(ds_config)}{_offload_note(ds_config)} | {type(engine.basic_optimizer).__name__} | "
+            f"world {info.world_size} | {total_steps} steps | "
+            f"batch {ds_config['train_batch_size']} | {len(data.train)} train rows",
+            flush=True,
+        )
+    peak = peak_flops_for_device(engine.device)
+
+    def mfu_of(tokens_per_s: float) -> Optional[float]:  # tokens of all ranks against the peak of all ranks
+        return mfu(tokens_per_s, num_params, config.n_layer, config.n_embd, run.data.max_seq_len,
+                   peak and peak * info.world_size)
+
+    preemption = PreemptionHandler().install()
+    logger = RunLogger(run_dir, is_main=info.is_main, logger_cfg=run.logger, config_dict=run.raw, resume=resuming)
+    with logger:
+        with logger.progress(total_steps, initial_step=engine.global_steps) as progress:
+            result = train(
+                engine, task=task, data=data, data_cfg=run.data, trainer=run.trainer,
+                collate=task.collator(tokenizer), info=info, total_steps=total_steps, checkpointer=checkpointer,
+                start=start, log=logger.log, progress=progress, mfu_of=mfu_of,
+                stop_requested=preemption.requested_on_any_rank,
+            )
+        if result.completed:
+            final = export_final(engine, run=run, config=config, tokenizer=tokenizer, info=info, run_dir=run_dir)
+            if info.is_main:
+                _report_done(task, run_dir, final, result)
+        elif info.is_main:
+            why = f"signal {preemption.received.name}" if result.preempted else "trainer.stop_after_steps"
+            print(
+                f"Stopped after step {result.global_step} of {total_steps} ({why}); checkpoint in "
+                f"{checkpointer.directory}. Relaunch with hydra.run.dir={run_dir} to continue.",
+                flush=True,
+            )
+    if result.preempted:
+        preemption.exit_for_restart(is_main=info.is_main)  # SLURM requeues the job; it resumes from the checkpoint
+    preemption.uninstall()
+    distributed.barrier()
+    return result
+
+
+def _report_done(task: Task, run_dir: Path, final: Optional[Path], result: LoopResult) -> None:
+    results_file = run_dir / "eval_results.json"
+    print(f"Done. Run dir: {run_dir}\n  final model: {final}\n  metrics: {run_dir / 'metrics.jsonl'}", flush=True)
+    if result.eval_results is not None:
+        write_eval_results(results_file, {"step": result.global_step, **result.eval_results})
+        print(f"  eval results: {results_file}: {_summary(task, result.eval_results)}", flush=True)
+
+
+def _offload_note(ds_config: dict[str, Any]) -> str:
+    devices = offload_devices(ds_config)
+    return f" (offload: {', '.join(sorted(devices))})" if devices else ""
+
+
+def _tokenizer_source(run: RunConfig) -> Optional[str]:
+    if run.model.path is None:
+        return None
+    from .checkpoint import resolve_model_dir
+
+    return str(resolve_model_dir(run.model.path))
+
+
+def _summary(task: Task, results: dict[str, float]) -> str:
+    keys = [task.main_metric] + [k for k in ("f1", "macro_f1", "loss") if k in results and k != task.main_metric]
+    return ", ".join(f"{k}={results[k]:.4g}" for k in keys if k in results)

@@ -1,0 +1,131 @@
+"""The three tasks as small plug-ins of the one training loop.
+
+A task decides what the loop cannot know by itself: the model-config tweaks its head needs, what to keep of
+each evaluated row (small, picklable, gathered across ranks), and how those rows become metrics.
+Data loading and collation are shared (`finetune.data`); the head is picked by the task name (`build_model`).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .config import DataConfig
+from .data import DataCollator, TaskData, load_task_data, postprocess_qa_predictions, qa_references
+from .tokenizer import GPTJTokenizer
+
+
+class Task(Protocol):
+    name: str
+    # The metric shown in the progress bar and summary; `higher_is_better` says which way is good.
+    main_metric: str
+    higher_is_better: bool
+
+    def load_data(self, cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData: ...
+
+    def collator(self, tokenizer: GPTJTokenizer) -> DataCollator: ...
+
+    def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]: ...
+
+    def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]: ...
+
+    def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]: ...
+
+
+class _BaseTask:
+    name = ""
+
+    def load_data(self, cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
+        return load_task_data(self.name, cfg, tokenizer)
+
+    def collator(self, tokenizer: GPTJTokenizer) -> DataCollator:
+        return DataCollator(tokenizer.pad_token_id)
+
+    def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]:
+        # GPT-J pads with <|endoftext|>; saying so in config.json lets transformers' heads batch padded inputs.
+        return {"pad_token_id": tokenizer.pad_token_id}
+
+
+class CausalLMTask(_BaseTask):
+    name, main_metric, higher_is_better = "clm", "perplexity", False
+
+    def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
+        # Per row (summed token NLL, token count): the dataset perplexity weighs every token alike.
+        logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+        counts = (labels != -100).sum(-1)
+        return [(float(s), int(c)) for s, c in zip(nll.sum(-1).tolist(), counts.tolist())]
+
+    def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]:
+        total_nll = sum(r[0] for r in records)
+        tokens = max(1, sum(r[1] for r in records))
+        loss = total_nll / tokens
+        return {"loss": loss, "perplexity": metrics.perplexity(loss)}
+
+
+class ClassificationTask(_BaseTask):
+    name, main_metric, higher_is_better = "cls", "accuracy", True
+
+    def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]:
+        overrides = super().model_overrides(data, tokenizer)
+        overrides.update(num_labels=data.num_labels, id2label=data.id2label, problem_type=data.problem_type)
+        return {k: v for k, v in overrides.items() if v is not None}
+
+    def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
+        loss = float(outputs.loss) if outputs.loss is not None else float("nan")
+        logits = outputs.logits.float().cpu().numpy()
+        labels = batch["labels"].cpu().numpy()
+        return [(loss, row, label) for row, label in zip(logits, labels)]
+
+    def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]:
+        logits = np.stack([r[1] for r in records])
+        labels = np.stack([r[2] for r in records])
+        result = {"loss": float(np.mean([r[0] for r in records]))}
+        if data.problem_type == "regression":
+            result["mse"] = metrics.mse(logits.squeeze(-1), labels)
+        elif data.problem_type == "multi_label_classification":
+            result.update(metrics.multilabel_metrics(logits, labels))
+        else:
+            result.update(metrics.accuracy_and_macro_f1(logits.argmax(-1), labels, num_labels=data.num_labels))
+        return result
+
+
+class QuestionAnsweringTask(_BaseTask):
+    name, main_metric, higher_is_better = "qa", "exact_match", True
+
+    def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
+        loss = float(outputs.loss) if outputs.loss is not None else float("nan")
+        lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: the real tokens come first
+        starts = outputs.start_logits.float().cpu().numpy()
+        ends = outputs.end_logits.float().cpu().numpy()
+        return [(loss, s[:n], e[:n]) for s, e, n in zip(starts, ends, lengths)]
+
+    def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]:
+        predictions = postprocess_qa_predictions(
+            data.validation_examples,
+            data.validation,
+            [r[1] for r in records],
+            [r[2] for r in records],
+            n_best=cfg.n_best,
+            max_answer_length=cfg.max_answer_length,
+            version_2_with_negative=cfg.version_2_with_negative,
+            null_score_diff_threshold=cfg.null_score_diff_threshold,
+        )
+        result = {"loss": float(np.mean([r[0] for r in records]))}
+        result.update(metrics.squad_metrics(predictions, qa_references(data.validation_examples)))
+        return result
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), ClassificationTask(), QuestionAnsweringTask())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        from .config import ConfigError
+
+        raise ConfigError(f"task={name!r} is unknown; choose one of {', '.join(TASKS)} (e.g. task=qa).")
+    return TASKS[name]
+

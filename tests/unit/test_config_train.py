@@ -1,0 +1,126 @@
+"""The training config: every file under conf/ composes, and parse_config refuses bad values with the key named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from finetune.config import ConfigError, RunConfig, parse_config
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+GROUPS = ("task", "model", "deepspeed", "optim", "scheduler", "lora", "logger", "trainer")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_defaults_are_the_documented_product():
+    run = parse_config(compose_train())
+    assert isinstance(run, RunConfig)
+    assert (run.task, run.model.name, run.lora.enabled, run.logger.backend) == ("qa", "tiny", False, "none")
+    assert run.deepspeed.config_file.endswith("zero3.json")
+    assert run.data.doc_stride > 0  # the QA data config came with task=qa
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes_and_parses(group):
+    assert options(group), f"conf/{group} is empty"
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}")
+        if group == "deepspeed" and option == "zero3_nvme":
+            assert cfg.deepspeed.nvme_path is None  # required at run time (engine check), not at compose time
+        run = parse_config(cfg)
+        assert run.raw[group] == OmegaConf.to_container(cfg[group], resolve=True)
+        if group == "task":
+            assert run.task == option
+
+
+@pytest.mark.parametrize("task", ["clm", "cls", "qa"])
+def test_task_selects_its_data_config(task):
+    cfg = compose_train(f"task={task}")
+    expected = OmegaConf.load(CONF / "data" / f"{task}.yaml")
+    assert OmegaConf.to_container(cfg.data) == OmegaConf.to_container(expected)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_composes(experiment):
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    assert "launch/train.py" in text and f"experiment={experiment}" in text  # the header gives the command
+    run = parse_config(compose_train(f"experiment={experiment}"))
+    assert run.trainer.micro_batch_size >= 1
+
+
+def test_gptj6b_preset_is_the_8gpu_bf16_zero3_recipe():
+    run = parse_config(compose_train("experiment=gptj6b_squad_8gpu"))
+    assert (run.model.name, run.trainer.precision, run.task) == ("gptj-6b", "bf16", "qa")
+    assert run.deepspeed.config_file.endswith("zero3.json")
+    assert run.model.gradient_checkpointing
+
+
+def test_default_learning_rate_follows_the_model_preset():
+    assert parse_config(compose_train("model=tiny")).optim.lr == 1e-2
+    assert parse_config(compose_train("model=gptj-6b")).optim.lr == 1e-5
+    assert parse_config(compose_train("model=gptj-6b", "optim.lr=3e-4")).optim.lr == 3e-4
+    assert set(options("lr_for_model")) == set(options("model"))  # every preset has its rate
+
+
+def test_mandatory_value_left_unset_is_named():
+    cfg = OmegaConf.create({"data": {"train_file": "???"}})
+    with pytest.raises(ConfigError, match=r"^data\.train_file must be set"):
+        parse_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
+        ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
+        ("trainer.eval_every=-1", "trainer.eval_every"),
+        ("trainer.save_every=-5", "trainer.save_every"),
+        ("trainer.keep_last=0", "trainer.keep_last"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.stop_after_steps=0", "trainer.stop_after_steps"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("model.dtype=int8", "model.dtype"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("scheduler.name=exponential", "scheduler.name"),
+        ("scheduler.warmup_ratio=1.5", "scheduler.warmup_ratio"),
+        ("logger=wandb logger.mode=loud", "logger.mode"),
+        ("lora=lora", None),  # valid: control case
+        ("lora=lora lora.r=0", "lora.r"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(override, key):
+    cfg = compose_train(*override.split())
+    if key is None:
+        parse_config(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    message = str(err.value)
+    assert message.startswith(key), message
+    assert "\n" not in message  # one paragraph
+
+
+def test_unknown_key_and_wrong_type_are_named():
+    with pytest.raises(ConfigError, match=r"trainer\.micro_batch"):
+        parse_config(compose_train("+trainer.micro_batch=4"))
+    with pytest.raises(ConfigError, match=r"trainer\.micro_batch_size"):
+        parse_config(compose_train("trainer.micro_batch_size=many"))
+
+
+def test_raw_config_is_plain_and_resolved():
+    run = parse_config(compose_train("optim.lr=0.01"))
+    assert run.raw["optim"]["lr"] == 0.01
+    assert isinstance(run.raw, dict)
