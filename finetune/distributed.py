@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -66,13 +65,8 @@ def _fill_env_from_slurm_or_single() -> None:
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    # Port 0: the store binds a free port itself (no other rank has to find it), so parallel runs cannot collide.
+    os.environ.setdefault("MASTER_PORT", "0")
 
 
 def init_distributed() -> DistInfo:
