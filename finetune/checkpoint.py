@@ -499,6 +499,8 @@ def save_pretrained(
             shard = {n: state[n].detach().to(dtype=dtype or state[n].dtype).contiguous() for n in names}
             if safe_serialization:
                 save_file(shard, staging / filename, metadata={"format": "pt"})
+                # safetensors writes through a private (0600) temp file; give it the permissions any new file gets.
+                os.chmod(staging / filename, 0o666 & ~_umask())
             else:
                 torch.save(shard, staging / filename)
             del shard
@@ -545,6 +547,12 @@ def _state_to_save(model_or_state_dict, *, config: GPTJConfig, task: str) -> dic
             "built with, and merge LoRA adapters (or save them separately) before saving the full model."
         )
     return state
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _publish(staging: Path, out_dir: Path) -> None:

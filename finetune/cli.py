@@ -9,6 +9,7 @@ from typing import Callable, Iterable, TypeVar
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .data.errors import DataError
 from .generation import GenerationError
 from .model import ModelConfigError
 from .tokenizer import TokenizerMismatchError
@@ -19,6 +20,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     ModelConfigError,
     CheckpointError,
+    DataError,
     TokenizerMismatchError,
     GenerationError,
 )

@@ -5,6 +5,7 @@ SLURM_* only, mapped here; a plain `python launch/train.py` is a world of one.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -75,6 +76,8 @@ def init_distributed() -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     _fill_env_from_slurm_or_single()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        atexit.register(shutdown)  # once per process; later calls (multirun points) reuse the live group
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accelerator.device_name() != "cpu":
@@ -88,11 +91,8 @@ def init_distributed() -> DistInfo:
     return info
 
 
-# DeepSpeed warnings that say nothing actionable here: the task heads return dataclasses, which ZeRO-3's hooks
-# cannot look into, but the head modules own no parameters directly, so no hook is missed; get_lr is asked for
-# before the first step by DeepSpeed itself.
+# DeepSpeed warnings that say nothing actionable here: get_lr is asked for before the first step by DeepSpeed itself.
 _HARMLESS_DS_WARNINGS = (
-    "A module has unknown inputs or outputs type",
     "Attempting to get learning rate from scheduler",
 )
 

@@ -178,7 +178,9 @@ def run(cfg: Any) -> Optional[LoopResult]:
     try:
         return _run(run_cfg, task, info)
     finally:
-        distributed.shutdown()
+        # The group lives until exit (init_distributed registers its teardown): a Hydra multirun runs the next
+        # point in this process, and destroying then re-creating the group on the same port hangs.
+        distributed.barrier()
 
 
 def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
