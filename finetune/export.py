@@ -10,7 +10,7 @@ What the checkpoint does not hold is found next to it, in the run dir (run_dir/c
 - the model config: `final/config.json`, else `.hydra/config.yaml` (model preset or model.path + overrides and
   the task's own tweaks, as the runner builds it), else an explicit `config=` path;
 - the tokenizer: `final/`, else the base checkpoint (model.path), else the bundled GPT-J tokenizer;
-- LoRA settings (r, alpha, targets): `final/adapter_config.json`, else the `lora` section of `.hydra/config.yaml`.
+- LoRA settings (r, alpha, targets): `final/adapter_config.json` (or `final/adapter/`), else the `lora` section of `.hydra/config.yaml`.
 """
 from __future__ import annotations
 
@@ -220,8 +220,10 @@ def describe_run(
         raise ConfigError(f"task={task!r} is unknown; pass task=clm, task=cls or task=qa.")
 
     lora = None
-    if final is not None and (final / ADAPTER_CONFIG).is_file():
-        lora = _lora_from_adapter(final)
+    # The adapter sits in final/ itself, or in final/adapter/ beside merged weights (runner.export_final).
+    adapter_dirs = [] if final is None else [d for d in (final, final / "adapter") if (d / ADAPTER_CONFIG).is_file()]
+    if adapter_dirs:
+        lora = _lora_from_adapter(adapter_dirs[0])
     elif hydra is not None and hydra.get("lora") is not None and hydra.lora.get("enabled", False):
         lora = to_typed(LoraConfig, hydra.lora, section="lora")
     tokenizer_dir = final if final is not None and (final / "tokenizer.json").is_file() else None
