@@ -41,7 +41,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(
     fields = slurm_cluster.wait(job, until={"COMPLETED"}, timeout=400)
     assert fields["Restarts"] == "1"
     log = tail(job.log, 400)
-    assert "Resuming qa" in log, log
+    assert "Resuming at step" in log, log
     rows = read_metrics(run_dir)
     # Every step ran exactly once: the requeued job went on from the checkpoint, not from step 1.
     assert sorted(row["step"] for row in rows) == list(range(1, STEPS + 1))
