@@ -6,9 +6,6 @@ and head weights moved, both ranks hold the same model, and the saved adapter lo
 transformers' GPT-J with the engine's logits.
 """
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,10 +43,11 @@ def worker(out_dir: Path) -> None:
     import deepspeed
     from safetensors.torch import save_file
 
+    from finetune.distributed import init_distributed
     from finetune.lora import LoraConfig, apply_lora, save_adapter
     from finetune.model import GPTJConfig, build_model
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # its atexit teardown keeps gloo from aborting the exit
     rank = torch.distributed.get_rank()
     batch = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(rank))
     probe = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(99))
@@ -102,25 +100,11 @@ def worker(out_dir: Path) -> None:
         torch.distributed.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
+def results(tmp_path_factory, run_ranks) -> Path:
     out_dir = tmp_path_factory.mktemp("lora_zero")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(out_dir)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-6000:]}"
+    run_ranks(__file__, str(out_dir), timeout=240)
     return out_dir
 
 

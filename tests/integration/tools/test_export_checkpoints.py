@@ -6,8 +6,6 @@ run as a script), saving as the runner does: ZeRO-2 with only `.hydra/config.yam
 LoRA under ZeRO-3 with and without the frozen base weights in the checkpoint.
 """
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +44,12 @@ def worker(root: Path) -> None:
 
     from finetune.checkpoint import save_pretrained
     from finetune.config import LoraConfig
+    from finetune.distributed import init_distributed
     from finetune.lora import apply_lora, merged_state_dict, save_adapter
     from finetune.model import GPTJConfig, build_model
     from finetune.tokenizer import GPTJTokenizer
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # its atexit teardown keeps gloo from aborting the exit
     rank = torch.distributed.get_rank()
     tokenizer = GPTJTokenizer.from_pretrained(None)
     lora_cfg = LoraConfig(enabled=True, **LORA)
@@ -130,25 +129,11 @@ def worker(root: Path) -> None:
     torch.distributed.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, run_ranks) -> Path:
     root = tmp_path_factory.mktemp("export_runs")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(root)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-6000:]}"
+    run_ranks(__file__, str(root), timeout=300)
     return root
 
 

@@ -1,0 +1,46 @@
+"""Fixtures for every test directory."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def run_ranks() -> Callable[..., list[str]]:
+    """`run_ranks(script, *args, world=2, timeout=300)`: run `python script *args` as `world` CPU ranks (gloo),
+    each with the torch.distributed env a launcher sets; fails the test with a rank's log if any exits non-zero.
+
+    The script's ranks should call `finetune.distributed.init_distributed()`: it tears the process group down at
+    exit, without which gloo's threads can abort the interpreter ("terminate called without an active exception").
+    """
+
+    def _run(script: Path | str, *args: str, world: int = 2, timeout: float = 300) -> list[str]:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs = [
+            subprocess.Popen([sys.executable, str(script), *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for r in range(world)
+        ]
+        try:
+            logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+        for rank, (proc, log) in enumerate(zip(procs, logs)):
+            assert proc.returncode == 0, f"rank {rank} of {script} failed (exit {proc.returncode}):\n{log[-6000:]}"
+        return logs
+
+    return _run
