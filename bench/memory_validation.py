@@ -187,7 +187,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def table(rows: list[dict], tolerance: float) -> str:
-    lines = [f"| size | stage | precision | ranks | component | measured MiB | estimate MiB | error |",
+    lines = ["| size | stage | precision | ranks | component | measured MiB | estimate MiB | error |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flag = "" if abs(r["error"]) <= tolerance else " (over)"

@@ -26,6 +26,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
+BAD_ROW_POLICIES = ("error", "skip")
+
+
 @dataclass
 class DataConfig:
     # Files: a path, a list of paths, a directory or a glob. None: the bundled data of the task.
@@ -47,6 +50,9 @@ class DataConfig:
     num_proc: int = 1
     # datasets cache for processed features; None: datasets' default (~/.cache/huggingface/datasets).
     cache_dir: Optional[str] = None
+    # Rows that fail validation (null/mistyped values, bad labels or answers, unparseable lines): `error` stops
+    # at load time naming file, row and reason; `skip` drops them and counts them in the metrics.
+    on_bad_row: str = "error"
 
     # clm
     text_column: str = "text"
@@ -150,6 +156,12 @@ class TrainerConfig:
     eval_at_end: bool = True
     seed: int = 42
     num_workers: int = 0  # DataLoader workers per rank
+    # How long a collective waits for a rank that neither answers nor dies (hung, unreachable) before the job
+    # fails; a rank that dies is noticed at once. Must exceed the longest wait at a barrier (a checkpoint save).
+    collective_timeout_s: float = 600.0
+    # bf16/fp32: each step with a non-finite loss or gradients is skipped (no update); this many in a row stop
+    # the run. fp16 keeps DeepSpeed's loss scaling, which skips and counts overflowing steps by design.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -171,10 +183,16 @@ class SchedulerConfig:
 
 @dataclass
 class DeepSpeedSection:
-    # DeepSpeed JSON: a path (absolute, or relative to the working directory or to the project root).
+    # DeepSpeed JSON: a path (absolute, or relative to the working directory or to the project root), or "auto":
+    # the fastest shipped config the memory planner says fits the launched cluster (deepspeed=auto).
     config_file: str = "ds_configs/zero3.json"
     # Where ZeRO-3 NVMe offload swaps parameters and optimizer states (a fast local disk); required by zero3_nvme.
     nvme_path: Optional[str] = None
+    # Refuse, before anything is built, a config whose memory estimate cannot fit the cluster; false skips the check.
+    check_memory: bool = True
+    # Memory per GPU / CPU RAM per node (GiB) for the planner instead of the detected figures; null: detect.
+    device_memory_gb: Optional[float] = None
+    cpu_memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -184,8 +202,14 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Train the task head in full (peft's modules_to_save). null: yes for cls/qa (a fresh head has nothing to
+    # adapt), no for clm (GPT-J's lm_head is 206M parameters and already fits the vocabulary).
+    train_head: Optional[bool] = None
     # Also write merged full weights into final/ (next to the adapter), loadable without peft.
     merge_into_final: bool = False
+
+    def trains_head(self, task: str) -> bool:
+        return self.train_head if self.train_head is not None else task != "clm"
 
 
 @dataclass
@@ -270,6 +294,10 @@ def validate(run: RunConfig) -> None:
         _require(value >= 0, f"trainer.{key}", value, "use a step interval >= 0 (0: only at the end of training).")
     _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "keep at least the newest checkpoint (>= 1).")
     _require(t.num_workers >= 0, "trainer.num_workers", t.num_workers, "use 0 or more DataLoader workers.")
+    _require(t.collective_timeout_s > 0, "trainer.collective_timeout_s", t.collective_timeout_s,
+             "use a positive number of seconds, more than the longest checkpoint save (default 600).")
+    _require(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", t.max_nonfinite_steps,
+             "use 1 or more (1: stop at the first non-finite step).")
     _require(o.name == "adamw", "optim.name", o.name, "only adamw is supported (DeepSpeed's AdamW / CPU Adam).")
     _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive (e.g. 1e-5 for GPT-J 6B).")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
@@ -288,3 +316,9 @@ def validate(run: RunConfig) -> None:
     _require(lg.backend in LOGGER_BACKENDS, "logger.backend", lg.backend, "use logger=wandb or logger=none.")
     _require(lg.mode in WANDB_MODES, "logger.mode", lg.mode, f"use one of {', '.join(WANDB_MODES)}.")
     _require(run.data.max_seq_len >= 8, "data.max_seq_len", run.data.max_seq_len, "use at least 8 tokens.")
+    _require(run.data.on_bad_row in BAD_ROW_POLICIES, "data.on_bad_row", run.data.on_bad_row,
+             f"use one of {', '.join(BAD_ROW_POLICIES)} (error stops at the first load; skip drops and counts).")
+    for key in ("device_memory_gb", "cpu_memory_gb"):
+        value = getattr(run.deepspeed, key)
+        _require(value is None or value > 0, f"deepspeed.{key}", value,
+                 "give the memory in GiB (> 0), or null to detect it.")

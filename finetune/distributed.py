@@ -12,7 +12,9 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -70,11 +72,24 @@ def _fill_env_from_slurm_or_single() -> None:
     os.environ.setdefault("MASTER_PORT", "0")
 
 
-def init_distributed() -> DistInfo:
-    """Create the process group (NCCL on GPU, gloo on CPU: the accelerator's backend) and bind the local device."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+# Rank 0 alone processes the data on a first run while the others wait (main_process_first): minutes to hours for
+# a large corpus, so that one wait has its own, long, timeout instead of the collective timeout of the loop.
+SETUP_WAIT_TIMEOUT = timedelta(hours=6)
+_setup_wait_group: Any = None
+
+
+def init_distributed(*, collective_timeout_s: Optional[float] = None) -> DistInfo:
+    """Create the process group (NCCL on GPU, gloo on CPU: the accelerator's backend) and bind the local device.
+
+    `collective_timeout_s` bounds how long any collective waits for a rank that neither answers nor dies (a
+    hung rank, an unreachable node): past it the collective fails and the job exits, instead of hanging for
+    DeepSpeed's default of 30 minutes. A rank that dies is noticed at once: its peers' connections close.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    global _setup_wait_group
     _fill_env_from_slurm_or_single()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         atexit.register(shutdown)  # once per process; later calls (multirun points) reuse the live group
@@ -82,13 +97,37 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
+    timeout = timedelta(seconds=collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
     deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, verbose=env_rank() == 0
+        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, verbose=env_rank() == 0,
+        timeout=timeout,
     )
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if accelerator.device_name() == "cpu":
+        _unlink_shm_buffer(rank, world_size)
+    if _setup_wait_group is None and world_size > 1:  # gloo: a CPU barrier works beside NCCL too
+        _setup_wait_group = torch.distributed.new_group(backend="gloo", timeout=SETUP_WAIT_TIMEOUT)
     info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
     quiet_logs(info)
     return info
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU shared-memory allreduce creates for `rank` (csrc/cpu/comm/shm.cpp)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
+    return Path("/dev/shm") / f"{name}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int, world_size: int) -> None:
+    """Remove this rank's name for its shm allreduce segment once every rank has mapped all of them.
+
+    DeepSpeed never unlinks these 66 MB segments, so each launch on a new port left world_size of them in
+    /dev/shm (RAM) for good. Unlinked, a segment lives while a rank still maps it and is freed when the last
+    one exits, even by kill -9."""
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank is past shm_initialize, which maps all ranks' segments
+    with contextlib.suppress(OSError):
+        shm_buffer_path(rank).unlink()
 
 
 # DeepSpeed warnings that say nothing actionable here: get_lr is asked for before the first step by DeepSpeed itself.
@@ -110,8 +149,10 @@ def quiet_logs(info: DistInfo) -> None:
 
 
 def shutdown() -> None:
+    global _setup_wait_group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _setup_wait_group = None
 
 
 def barrier() -> None:
@@ -121,12 +162,21 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_process_first(info: DistInfo) -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. dataset processing that fills a cache); the others run it afterwards."""
+    """Rank 0 runs the body first (e.g. dataset processing that fills a cache); the others run it afterwards.
+
+    The others wait under SETUP_WAIT_TIMEOUT, not the collective timeout: the body may take long on a first run.
+    """
+    def wait() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier(group=_setup_wait_group)
+
     if not info.is_main:
-        barrier()
-    yield
-    if info.is_main:
-        barrier()
+        wait()
+    try:
+        yield
+    finally:  # also when rank 0's body fails: the others then run it and meet the same error, not a hang
+        if info.is_main:
+            wait()
 
 
 def broadcast_object(obj: Any, *, src: int = 0) -> Any:

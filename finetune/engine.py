@@ -11,7 +11,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -224,11 +224,49 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [group for group in groups if group["params"]]
 
 
-def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: float):
-    """`deepspeed.initialize` with the AdamW param groups; returns the engine (optimizer and schedule inside)."""
-    import deepspeed
+def lr_factor(section: dict[str, Any]) -> Callable[[int], float]:
+    """The filled "scheduler" section as a multiplier of the optimizer's lr after `done` optimizer steps.
 
+    Same shapes as DeepSpeed's WarmupCosineLR / WarmupDecayLR / WarmupLR, but DeepSpeed's own classes set the
+    first step's rate from iteration -1 and then step after each update, so step k runs at iteration k-2's
+    rate: the first two steps share one rate (0 with the default cosine) and the peak comes a step late. Here
+    step s = done + 1 runs at warmup s/W, so W steps of rising lr starting above 0, then the decay to the last
+    step, which keeps a non-zero rate (cosine: cos_min_ratio; linear: 1/(T-W+1) of the peak).
+    """
+    kind, params = section["type"], section["params"]
+    warmup = params["warmup_num_steps"]
+    total = params.get("total_num_steps", warmup)
+    floor = params.get("warmup_min_ratio", 0.0)
+
+    def factor(done: int) -> float:
+        step = done + 1
+        if step <= warmup:
+            return floor + (1.0 - floor) * step / warmup
+        if kind == "WarmupLR" or total <= warmup:
+            return 1.0
+        if kind == "WarmupCosineLR":
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            low = params["cos_min_ratio"]
+            return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, (total - step + 1) / (total - warmup + 1))  # WarmupDecayLR
+
+    return factor
+
+
+def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: float):
+    """`deepspeed.initialize` with the AdamW param groups; returns the engine (optimizer and schedule inside).
+
+    The "scheduler" section becomes a torch LambdaLR (see `lr_factor`) that DeepSpeed steps once per applied
+    optimizer step and saves in its checkpoints, like its own schedulers."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    config = {key: value for key, value in ds_config.items() if key != "scheduler"}
+    scheduler = None
+    if "scheduler" in ds_config:
+        factor = lr_factor(ds_config["scheduler"])
+        scheduler = lambda optimizer: LambdaLR(optimizer, factor)  # noqa: E731 -- DeepSpeed calls it with its optimizer
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+        model=model, model_parameters=param_groups(model, weight_decay), config=config, lr_scheduler=scheduler
     )
     return engine

@@ -177,7 +177,8 @@ def _lora_from_adapter(adapter_dir: Path) -> LoraConfig:
     raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     targets = raw.get("target_modules") or []
     return LoraConfig(enabled=True, r=int(raw["r"]), alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                      target_modules=sorted(targets) if isinstance(targets, (list, set)) else [targets])
+                      target_modules=sorted(targets) if isinstance(targets, (list, set)) else [targets],
+                      train_head=bool(raw.get("modules_to_save")))
 
 
 def describe_run(

@@ -100,7 +100,7 @@ class RunLogger:
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, step: int, split: str, values: Mapping[str, Any]) -> None:
-        """Record `values` (loss, lr, tokens_per_s, task metrics, ...) of `split` (train | eval) at `step`."""
+        """Record `values` (loss, lr, tokens_per_s, task metrics, ...) of `split` (train | eval | data) at `step`."""
         if not self.is_main:
             return
         clean = {k: _plain(v) for k, v in values.items() if v is not None}

@@ -1,8 +1,8 @@
 """LoRA fine-tuning through peft: wrap the model, save the adapter, merge it into plain GPT-J weights.
 
 Module names equal HF GPT-J's, so an adapter saved here is a regular peft adapter for transformers'
-`GPTJFor*` classes. The task head (lm_head / score / qa_outputs) is trained in full (peft's
-`modules_to_save`) because a fresh classification or QA head has nothing to adapt.
+`GPTJFor*` classes. A classification or QA head is trained in full (peft's `modules_to_save`) because a
+fresh head has nothing to adapt; the causal-LM head stays frozen unless `lora.train_head=true`.
 
 ZeRO-3: the model may be built under `deepspeed.zero.Init`. peft then creates the LoRA A/B layers as
 ordinary (unpartitioned) parameters, and copies the head inside `GatheredParameters`;
@@ -59,8 +59,8 @@ def _resolve_targets(model: GPTJPreTrainedModel, target_modules: list[str]) -> l
     for target in target_modules:
         if target in model.head_names:
             raise ConfigError(
-                f"lora.target_modules contains the head {target!r}, which LoRA already trains in full; "
-                f"remove it and pick backbone layers from: {', '.join(valid)}."
+                f"lora.target_modules contains the head {target!r}; heads are not adapted with LoRA but trained in "
+                f"full with lora.train_head=true. Remove it and pick backbone layers from: {', '.join(valid)}."
             )
         if target not in valid:
             raise ConfigError(
@@ -70,8 +70,11 @@ def _resolve_targets(model: GPTJPreTrainedModel, target_modules: list[str]) -> l
     return list(target_modules)
 
 
+_TASKS = {GPTJForCausalLM: "clm", GPTJForSequenceClassification: "cls", GPTJForQuestionAnswering: "qa"}
+
+
 def apply_lora(model: GPTJPreTrainedModel, cfg: LoraConfig) -> peft.PeftModel:
-    """Wrap `model` with LoRA adapters: the base is frozen, adapters and the task head are trainable.
+    """Wrap `model` with LoRA adapters: the base is frozen, adapters (and the head, `cfg.trains_head`) train.
 
     Call before `deepspeed.initialize`; works on a model built under `deepspeed.zero.Init` too.
     """
@@ -81,7 +84,7 @@ def apply_lora(model: GPTJPreTrainedModel, cfg: LoraConfig) -> peft.PeftModel:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
-        modules_to_save=list(model.head_names),
+        modules_to_save=list(model.head_names) if cfg.trains_head(_TASKS[type(model)]) else None,
         bias="none",
     )
     return peft.get_peft_model(model, peft_cfg)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Literal, Mapping, Optional, Union
+from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 from finetune.config import ConfigError
 
@@ -582,21 +582,25 @@ def plan(
     cluster: Cluster,
     *,
     margin: float = 0.1,
-    buffers: Union[ZeroBuffers, Mapping[int, ZeroBuffers]] = ZeroBuffers(),
+    buffers: Union[ZeroBuffers, Mapping[Union[int, Option], ZeroBuffers]] = ZeroBuffers(),
+    options: Sequence[Option] = SPEED_ORDER,
 ) -> Plan:
-    """Estimate every option in SPEED_ORDER; recommend the fastest whose every device keeps `margin` free.
+    """Estimate every option of `options` (fastest first); recommend the fastest whose every device keeps `margin` free.
 
-    `buffers`: one setting for all options, or one per ZeRO stage (stages left out: DeepSpeed's defaults).
+    `buffers`: one setting for all options, or one per Option or per ZeRO stage (an Option's own entry wins;
+    stages left out: DeepSpeed's defaults).
     """
     if not 0 <= margin < 1:
         raise ConfigError(f"plan.margin is {margin}; use a fraction of memory to keep free, e.g. 0.1.")
 
-    def stage_buffers(stage: int) -> ZeroBuffers:
-        return buffers if isinstance(buffers, ZeroBuffers) else buffers.get(stage, ZeroBuffers())
+    def option_buffers(option: Option) -> ZeroBuffers:
+        if isinstance(buffers, ZeroBuffers):
+            return buffers
+        return buffers.get(option, buffers.get(option.stage, ZeroBuffers()))
 
-    options = tuple(estimate(shape, run, cluster, o, buffers=stage_buffers(o.stage)) for o in SPEED_ORDER)
-    recommended = next((e for e in options if e.margin >= margin), None)
-    return Plan(shape, run, cluster, margin, options, recommended, _reason(options, recommended, margin, cluster))
+    estimates = tuple(estimate(shape, run, cluster, o, buffers=option_buffers(o)) for o in options)
+    recommended = next((e for e in estimates if e.margin >= margin), None)
+    return Plan(shape, run, cluster, margin, estimates, recommended, _reason(estimates, recommended, margin, cluster))
 
 
 def _gib(n: float) -> str:

@@ -106,8 +106,12 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _row_error(input_name: str, err: Any) -> PredictionInputError:
-    return PredictionInputError(f"{input_name}, row {err.index + 1}, field {err.field!r}: {err.problem}")
+def _refuse_bad_rows(input_name: str, problems: list[Any], first: int) -> None:
+    """A PredictionInputError for the first bad row of a batch (the data module's row checks, as in training)."""
+    for offset, problem in enumerate(problems):
+        if problem is not None:
+            raise PredictionInputError(f"{input_name}, row {first + offset + 1}, field {problem.field!r}: "
+                                       f"{problem.detail}")
 
 
 def clm_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
@@ -147,8 +151,7 @@ def _clm_predictor(model, tokenizer, cfg: DataConfig, generation: GenerationConf
 
 
 def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predictor:
-    from .data.cls import MULTI, REGRESSION, SINGLE, ClsParams, LabelSpec, build_cls_features
-    from .data.errors import RowError
+    from .data.cls import MULTI, REGRESSION, SINGLE, ClsParams, LabelSpec, build_cls_features, check_cls_rows
 
     config = model.config
     problem = config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE)
@@ -162,10 +165,8 @@ def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predic
     def predict(rows: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
         batch = {key: [row.get(key) for row in rows] for key in (cfg.text_column, cfg.text_pair_column) if key}
         batch[placeholder_column] = [placeholder] * len(rows)
-        try:
-            features = build_cls_features(batch, list(range(first, first + len(rows))), tokenizer=tokenizer, params=params)
-        except RowError as err:
-            raise _row_error(input_name, err) from None
+        _refuse_bad_rows(input_name, check_cls_rows(batch, tokenizer=tokenizer, params=params), first)
+        features = build_cls_features(batch, list(range(first, first + len(rows))), tokenizer=tokenizer, params=params)
         with torch.no_grad():
             logits = model(**_model_inputs(features, tokenizer, _device(model))).logits.float().cpu()
         if problem == REGRESSION:
@@ -183,8 +184,7 @@ def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predic
 
 def _qa_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predictor:
     from .data import postprocess_qa_predictions
-    from .data.errors import RowError
-    from .data.qa import build_qa_features, qa_params
+    from .data.qa import build_qa_features, check_qa_rows, qa_params
 
     # Prediction rows carry no gold answers, so the no-answer slot is always allowed while building features.
     params = dataclasses.replace(qa_params(cfg, keep_eval_columns=True), allow_no_answer=True)
@@ -195,10 +195,8 @@ def _qa_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predict
         batch = {"id": ids, "question": [row.get(cfg.question_column) for row in rows],
                  "context": [row.get(cfg.context_column) for row in rows],
                  "answers": [{"text": [], "answer_start": []}] * len(rows)}
-        try:
-            features = build_qa_features(batch, indices, tokenizer=tokenizer, params=params)
-        except RowError as err:
-            raise _row_error(input_name, err) from None
+        _refuse_bad_rows(input_name, check_qa_rows(batch, tokenizer=tokenizer, params=params), first)
+        features = build_qa_features(batch, indices, tokenizer=tokenizer, params=params)
         with torch.no_grad():
             out = model(**_model_inputs(features, tokenizer, _device(model)))
         lengths = [len(f) for f in features["input_ids"]]

@@ -6,7 +6,9 @@ DeepSpeed engine -> loop -> final/ (HF format) + eval_results.json.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +22,10 @@ from .model import GPTJConfig, GPTJPreTrainedModel, build_model
 from .model.gptj import init_module_weights
 from .tasks import Task, get_task
 from .tokenizer import GPTJTokenizer
-from .train_loop import Checkpointer, LoopResult, total_optimizer_steps, train, write_eval_results
+from .train_loop import (Checkpointer, LoopResult, RankFailureError, TrainingError, total_optimizer_steps, train,
+                         write_eval_results)
+
+TRAINING_ERROR_EXIT_CODE = 3  # stopped by the loop itself (see train_loop.TrainingError); 2 is a user error
 
 
 def register_resolvers() -> None:
@@ -160,27 +165,57 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
     return final
 
 
-def deepspeed_json(run: RunConfig) -> tuple[dict[str, Any], str]:
-    """The DeepSpeed JSON to fill and where it came from: deepspeed.config_file, or the memory planner's choice."""
-    if run.deepspeed.config_file == "auto":  # hook for `deepspeed=auto` (finetune.memory's plan)
-        raise ConfigError(
-            "deepspeed.config_file=auto (the memory planner's choice) is not available in this build; pick one with "
-            "deepspeed=zero2|zero3|zero3_offload|zero3_nvme|none (python launch/plan.py suggests which)."
-        )
-    return load_ds_json(run.deepspeed.config_file)
+AUTO_CHOICE_FILE = "deepspeed_auto.json"  # in the run dir: the config `deepspeed=auto` picked at the first launch
+
+
+def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Path] = None
+                   ) -> tuple[dict[str, Any], str]:
+    """The DeepSpeed JSON to fill and where it came from: deepspeed.config_file, or for `deepspeed=auto` the memory
+    planner's choice. A config that cannot fit the cluster is refused here, before data and model (ConfigError;
+    deepspeed.check_memory=false skips that). Collective when it plans: every rank calls it.
+
+    `deepspeed=auto` records its pick in run_dir; a relaunch of that run dir (a resume) keeps it, since a
+    checkpoint only loads into the ZeRO layout that wrote it, even if the hardware would now suggest another."""
+    from . import memory_choice
+
+    if run.deepspeed.config_file == "auto":
+        record = run_dir / AUTO_CHOICE_FILE if run_dir is not None else None
+        # Rank 0's view decides: another rank could see the file rank 0 is about to write and skip the collective.
+        if distributed.broadcast_object(record is not None and record.is_file()):
+            config_file = json.loads(record.read_text())["config_file"]
+            if is_main:
+                print(f"deepspeed=auto: keeping {config_file}, chosen at this run's first launch ({record}).",
+                      flush=True)
+        else:
+            config_file = memory_choice.choose_config_file(run, model_config(run, {}), is_main=is_main)
+            if record is not None and is_main:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"config_file": config_file}) + "\n")
+        return load_ds_json(config_file)
+    base, source = load_ds_json(run.deepspeed.config_file)
+    if run.deepspeed.check_memory:
+        memory_choice.check_memory(run, model_config(run, {}), base, source=source, is_main=is_main)
+    return base, source
 
 
 def run(cfg: Any) -> Optional[LoopResult]:
     """Train as the composed config says; returns the loop's result (eval results on rank 0)."""
     run_cfg = parse_config(cfg)
     task = get_task(run_cfg.task)
-    info = distributed.init_distributed()
+    info = distributed.init_distributed(collective_timeout_s=run_cfg.trainer.collective_timeout_s)
+    group_alive = True
     try:
         return _run(run_cfg, task, info)
+    except TrainingError as err:  # the loop's own stop (non-finite loss, disk full, a rank gone): no traceback
+        group_alive = not isinstance(err, RankFailureError)
+        if info.is_main or not group_alive:  # the ranks agree on the others: rank 0 says it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(TRAINING_ERROR_EXIT_CODE) from None
     finally:
         # The group lives until exit (init_distributed registers its teardown): a Hydra multirun runs the next
         # point in this process, and destroying then re-creating the group on the same port hangs.
-        distributed.barrier()
+        if group_alive:
+            distributed.barrier()
 
 
 def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
@@ -193,7 +228,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     if info.is_main:
         print(f"Run dir: {run_dir}", flush=True)
     distributed.seed_everything(run.trainer.seed)
-    base, source = deepspeed_json(run)
+    base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir)
 
     def ds_config_for(total_steps: int) -> dict[str, Any]:
         return build_ds_config(
@@ -227,8 +262,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     engine = initialize(model, ds_config, weight_decay=run.optim.weight_decay)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", info=info, keep_last=run.trainer.keep_last)
-    resuming = checkpointer.exists()
-    start = checkpointer.load(engine) if resuming else None
+    start = checkpointer.resume(engine)  # the newest complete checkpoint, if any
+    resuming = start is not None
     if info.is_main:
         what = f"Resuming at step {engine.global_steps}:" if resuming else "Training"
         print(
@@ -248,6 +283,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     preemption = PreemptionHandler().install()
     logger = RunLogger(run_dir, is_main=info.is_main, logger_cfg=run.logger, config_dict=run.raw, resume=resuming)
     with logger:
+        if run.data.on_bad_row == "skip":  # rows each split lost to bad data: W&B data/skipped_rows_train, ...
+            logger.log(engine.global_steps, "data", data.skipped_row_metrics())
         with logger.progress(total_steps, initial_step=engine.global_steps) as progress:
             result = train(
                 engine, task=task, data=data, data_cfg=run.data, trainer=run.trainer,

@@ -27,7 +27,8 @@ def run_ranks() -> Callable[..., list[str]]:
     """
 
     def _run(script: Path | str, *args: str, world: int = 2, timeout: float = 300) -> list[str]:
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        port = free_port()
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
         procs = [
             subprocess.Popen([sys.executable, str(script), *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
@@ -41,6 +42,8 @@ def run_ranks() -> Callable[..., list[str]]:
                 proc.kill()
         for rank, (proc, log) in enumerate(zip(procs, logs)):
             assert proc.returncode == 0, f"rank {rank} of {script} failed (exit {proc.returncode}):\n{log[-6000:]}"
+        leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # 66 MB of RAM each
+        assert not leaked, f"{script} left {[p.name for p in leaked]} in /dev/shm"
         return logs
 
     return _run

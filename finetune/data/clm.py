@@ -10,6 +10,10 @@ Prompt/response data: the prompt (a column, or `prompt_template` filled from col
 tokenized separately and joined as-is (put any separator in the template), then `<|endoftext|>`; labels are -100
 on prompt tokens, so the loss covers the response and its end-of-text only. Blocks or truncated examples left
 with no response token are dropped.
+
+Bad rows (`check_clm_rows`): a text, prompt or response that is null or not a string, an empty response, a
+template that cannot be filled from the row, and, unpacked with `truncation: false`, an example over
+`max_seq_len` tokens. Empty plain-text documents are not bad: they are skipped silently.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from typing import Optional
 import datasets
 
 from finetune.config import ConfigError, DataConfig
-from finetune.data.errors import DataError, RowError
-from finetune.data.pipeline import MASK, TOKENS, map_split
+from finetune.data.bad_rows import TOO_LONG, WRONG_TYPE, BadRow, text_problem
+from finetune.data.errors import DataError
+from finetune.data.pipeline import MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, require_columns
 from finetune.data.task_data import TaskData
 from finetune.tokenizer import GPTJTokenizer
@@ -79,28 +84,72 @@ def required_columns(params: ClmParams) -> dict[str, str]:
     return columns
 
 
+def check_clm_rows(batch: dict[str, list], *, tokenizer: GPTJTokenizer, params: ClmParams) -> list[Optional[BadRow]]:
+    """The problem of each row of a raw batch, or None for a good row (see the module docstring)."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    problems = [_row_problem(row, params) for row in rows]
+    if params.packing or params.truncation:
+        return problems
+    good = [i for i, problem in enumerate(problems) if problem is None]
+    field = params.response_column if params.instruction else params.text_column
+    for i, length in zip(good, _sequence_lengths([rows[i] for i in good], tokenizer, params)):
+        if length > params.max_seq_len:
+            problems[i] = BadRow(
+                field,
+                TOO_LONG,
+                f"the example has {length} tokens, more than data.max_seq_len={params.max_seq_len}, and "
+                "data.truncation is false. Raise data.max_seq_len, set data.truncation=true, or shorten it.",
+            )
+    return problems
+
+
+def _row_problem(row: dict, params: ClmParams) -> Optional[BadRow]:
+    if not params.instruction:
+        return text_problem(row[params.text_column], params.text_column, allow_empty=True)
+    if params.prompt_column is not None:
+        problem = text_problem(row[params.prompt_column], params.prompt_column, allow_empty=True)
+        if problem is not None:
+            return problem
+    else:
+        for field in required_columns(params):
+            if field != params.response_column and row[field] is None:
+                return text_problem(None, field)
+        try:
+            params.prompt_template.format(**row)
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            detail = f"data.prompt_template cannot be filled from the row ({error})."
+            return BadRow("prompt_template", WRONG_TYPE, detail)
+    return text_problem(row[params.response_column], params.response_column)
+
+
+def _sequence_lengths(rows: list[dict], tokenizer: GPTJTokenizer, params: ClmParams) -> list[int]:
+    """Tokens of each row's example, <|endoftext|> included (0 for an empty document, which is skipped)."""
+    if not params.instruction:
+        texts = [row[params.text_column] for row in rows]
+        return [len(ids) + 1 if text.strip() else 0 for ids, text in zip(tokenizer.encode_batch(texts), texts)]
+    prompts = tokenizer.encode_batch([_prompt(row, params) for row in rows])
+    responses = tokenizer.encode_batch([row[params.response_column] for row in rows])
+    return [len(prompt) + len(response) + 1 for prompt, response in zip(prompts, responses)]
+
+
+def _prompt(row: dict, params: ClmParams) -> str:
+    if params.prompt_column is not None:
+        return row[params.prompt_column]
+    return params.prompt_template.format(**row)
+
+
 def build_clm_features(batch: dict[str, list], indices: list[int], *, tokenizer: GPTJTokenizer, params: ClmParams):
-    """One map batch of raw rows -> `input_ids`, `attention_mask`, `labels` (packed blocks or one row per document)."""
-    sequences = _instruction_sequences(batch, indices, tokenizer, params) if params.instruction else (
-        _text_sequences(batch, indices, tokenizer, params)
+    """One map batch of checked rows -> `input_ids`, `attention_mask`, `labels` (packed blocks or one per document)."""
+    sequences = _instruction_sequences(batch, tokenizer, params) if params.instruction else (
+        _text_sequences(batch, tokenizer, params)
     )
     if params.packing:
-        ids = [token for seq_ids, _, _ in sequences for token in seq_ids]
-        labels = [label for _, seq_labels, _ in sequences for label in seq_labels]
+        ids = [token for seq_ids, _ in sequences for token in seq_ids]
+        labels = [label for _, seq_labels in sequences for label in seq_labels]
         step = params.max_seq_len
         blocks = [(ids[i : i + step], labels[i : i + step]) for i in range(0, len(ids), step)]
     else:
-        blocks = []
-        for seq_ids, seq_labels, index in sequences:
-            if len(seq_ids) > params.max_seq_len and not params.truncation:
-                field = params.response_column if params.instruction else params.text_column
-                raise RowError(
-                    index,
-                    field,
-                    f"the example has {len(seq_ids)} tokens, more than data.max_seq_len={params.max_seq_len}, and "
-                    "data.truncation is false. Raise data.max_seq_len, set data.truncation=true, or shorten it.",
-                )
-            blocks.append((seq_ids[: params.max_seq_len], seq_labels[: params.max_seq_len]))
+        blocks = [(ids[: params.max_seq_len], labels[: params.max_seq_len]) for ids, labels in sequences]
     # A block with no response token adds nothing to the loss (and a batch of them would divide by zero).
     blocks = [(ids, labels) for ids, labels in blocks if any(label != IGNORE_INDEX for label in labels)]
     return {
@@ -110,51 +159,30 @@ def build_clm_features(batch: dict[str, list], indices: list[int], *, tokenizer:
     }
 
 
-def _text_sequences(batch, indices, tokenizer: GPTJTokenizer, params: ClmParams):
-    texts = batch[params.text_column]
-    for text, index in zip(texts, indices):
-        _require_string(text, index, params.text_column)
-    kept = [(text, index) for text, index in zip(texts, indices) if text.strip()]
-    encoded = tokenizer.encode_batch([text for text, _ in kept])
+def _text_sequences(batch, tokenizer: GPTJTokenizer, params: ClmParams) -> list[tuple[list[int], list[int]]]:
+    kept = [text for text in batch[params.text_column] if text.strip()]
     eos = tokenizer.eos_token_id
-    return [(ids + [eos], ids + [eos], index) for ids, (_, index) in zip(encoded, kept)]
+    return [(ids + [eos], ids + [eos]) for ids in tokenizer.encode_batch(kept)]
 
 
-def _instruction_sequences(batch, indices, tokenizer: GPTJTokenizer, params: ClmParams):
-    columns = list(batch)
-    prompts, responses = [], []
-    for position, index in enumerate(indices):
-        row = {column: batch[column][position] for column in columns}
-        if params.prompt_column is not None:
-            _require_string(row[params.prompt_column], index, params.prompt_column)
-            prompts.append(row[params.prompt_column])
-        else:
-            for field in required_columns(params):
-                if row[field] is None:
-                    raise RowError(index, field, "the value is missing (null), but data.prompt_template uses it.")
-            prompts.append(params.prompt_template.format(**row))
-        _require_string(row[params.response_column], index, params.response_column)
-        responses.append(row[params.response_column])
+def _instruction_sequences(batch, tokenizer: GPTJTokenizer, params: ClmParams) -> list[tuple[list[int], list[int]]]:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    prompts = tokenizer.encode_batch([_prompt(row, params) for row in rows])
+    responses = tokenizer.encode_batch([row[params.response_column] for row in rows])
     eos = tokenizer.eos_token_id
-    sequences = []
-    encoded = zip(tokenizer.encode_batch(prompts), tokenizer.encode_batch(responses), indices)
-    for prompt_ids, response_ids, index in encoded:
-        ids = prompt_ids + response_ids + [eos]
-        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos]
-        sequences.append((ids, labels, index))
-    return sequences
+    return [
+        (prompt_ids + response_ids + [eos], [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos])
+        for prompt_ids, response_ids in zip(prompts, responses)
+    ]
 
 
-def _require_string(value, index: int, field: str) -> None:
-    if not isinstance(value, str):
-        problem = "the value is missing (null)" if value is None else f"expected text, got {type(value).__name__}"
-        raise RowError(index, field, f"{problem}. Every row needs a string here.")
-
-
-def process_clm_split(split: RawSplit, cfg: DataConfig, tokenizer: GPTJTokenizer) -> datasets.Dataset:
-    """Raw split -> model-ready features (cached; see finetune.data.pipeline)."""
+def process_clm_split(
+    split: RawSplit, cfg: DataConfig, tokenizer: GPTJTokenizer
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Raw split -> model-ready features (cached; see finetune.data.pipeline) and the skipped rows per reason."""
     params = clm_params(cfg, text_format=split.fmt == "text")
     require_columns(split, required_columns(params))
+    split, skipped = drop_bad_rows(split, check_clm_rows, tokenizer=tokenizer, params=params, cfg=cfg)
     features = map_split(
         split, build_clm_features, tokenizer=tokenizer, params=params, cfg=cfg, desc=f"clm {split.name}",
         features=FEATURES,
@@ -164,13 +192,15 @@ def process_clm_split(split: RawSplit, cfg: DataConfig, tokenizer: GPTJTokenizer
             f"The {split.name} data ({split.source}) gave no training examples: every document is empty or has no "
             "response token within data.max_seq_len."
         )
-    return features
+    return features, skipped
 
 
 def load_clm(cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
     """Causal LM features for the train and validation splits of the config."""
     train, validation = load_splits(cfg, task="clm")
-    return TaskData(
-        train=process_clm_split(train, cfg, tokenizer),
-        validation=process_clm_split(validation, cfg, tokenizer) if validation is not None else None,
-    )
+    train_features, skipped = process_clm_split(train, cfg, tokenizer)
+    skipped_rows = {"train": skipped}
+    validation_features = None
+    if validation is not None:
+        validation_features, skipped_rows["validation"] = process_clm_split(validation, cfg, tokenizer)
+    return TaskData(train=train_features, validation=validation_features, skipped_rows=skipped_rows)

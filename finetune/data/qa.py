@@ -10,19 +10,24 @@ answer's first and last tokens are the labels when the whole answer lies inside 
 No-answer position: the final `<|endoftext|>` of each feature, not position 0. In a causal model position 0
 attends only to itself, so a null score read there could not depend on the question or the context; the last
 token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`.
+
+Bad rows (`check_qa_rows`): a question or context that is null, not a string or empty; answers that are
+malformed or whose text is not at `answer_start` in the context; no answer without `version_2_with_negative`;
+a question too long to leave room for the context; and, in validation, a null or repeated id.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 from datasets.fingerprint import Hasher
 
 from finetune.config import ConfigError, DataConfig
-from finetune.data.errors import DataError, RowError
-from finetune.data.pipeline import CODE_VERSION, MASK, TOKENS, map_split
+from finetune.data.bad_rows import BAD_ANSWER, DUPLICATE_ID, NO_ANSWER, TOO_LONG, BadRow, text_problem
+from finetune.data.errors import DataError
+from finetune.data.pipeline import CODE_VERSION, MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, read_files, require_columns
 from finetune.data.task_data import TaskData
 from finetune.tokenizer import GPTJTokenizer, trim_offsets
@@ -114,32 +119,101 @@ def standardize_columns(split: RawSplit, cfg: DataConfig) -> RawSplit:
     return replace(split, dataset=dataset.rename_columns(renames) if renames else dataset)
 
 
+# ---------------------------------------------------------------------------------------------- checks
+def check_qa_rows(batch: dict[str, list], *, tokenizer: GPTJTokenizer, params: QaParams) -> list[Optional[BadRow]]:
+    """The problem of each row of a batch of standardized examples, or None for a good row (module docstring)."""
+    problems = []
+    for position, (question, context) in enumerate(zip(batch["question"], batch["context"])):
+        problem = text_problem(question, "question") or text_problem(context, "context")
+        if problem is None and params.keep_eval_columns and batch["id"][position] is None:
+            problem = text_problem(None, "id")
+        problems.append(problem or _answers_problem(batch["answers"][position], context, params))
+    good = [i for i, problem in enumerate(problems) if problem is None]
+    separator = len(tokenizer.encode(params.qa_separator))
+    question_lengths = [len(ids) for ids in tokenizer.encode_batch([batch["question"][i].strip() for i in good])]
+    rooms = {i: params.max_seq_len - length - separator - 1 for i, length in zip(good, question_lengths)}
+    # Windows must advance: with room <= doc_stride only a context that fits in one window works.
+    tight = [i for i in good if 1 <= rooms[i] <= params.doc_stride]
+    context_lengths = dict(zip(tight, map(len, tokenizer.encode_batch([batch["context"][i] for i in tight]))))
+    for i, length in zip(good, question_lengths):
+        if rooms[i] < 1 or context_lengths.get(i, 0) > rooms[i]:
+            problems[i] = BadRow(
+                "question",
+                TOO_LONG,
+                f"the question has {length} tokens, leaving {rooms[i]} of data.max_seq_len={params.max_seq_len} "
+                f"for the context, which must exceed data.doc_stride={params.doc_stride}. Raise data.max_seq_len, "
+                "lower data.doc_stride, or shorten the question.",
+            )
+    return problems
+
+
+def _answer_lists(value: Any) -> Optional[tuple[list, list]]:
+    """(texts, starts) of SQuAD's {"text": [...], "answer_start": [...]} or of a list of {"text", "answer_start"}."""
+    if isinstance(value, dict):
+        return list(value.get("text") or []), list(value.get("answer_start") or [])
+    if isinstance(value, list) and all(isinstance(a, dict) for a in value):
+        return [a.get("text") for a in value], [a.get("answer_start") for a in value]
+    return None
+
+
+def _answers_problem(value: Any, context: str, params: QaParams) -> Optional[BadRow]:
+    lists = _answer_lists(value)
+    if lists is None:
+        return BadRow("answers", BAD_ANSWER, f"expected {{'text': [...], 'answer_start': [...]}}, got {value!r:.60}.")
+    texts, starts = lists
+    if len(texts) != len(starts):
+        return BadRow("answers", BAD_ANSWER, f"{len(texts)} answer texts but {len(starts)} answer_start values.")
+    for text, start in zip(texts, starts):
+        if not isinstance(text, str) or not text or isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            return BadRow("answers", BAD_ANSWER, f"answer {text!r} at {start!r}: need a non-empty text and an int "
+                          "start >= 0.")  # fmt: skip
+        found = context[start : start + len(text)]
+        if found != text:
+            return BadRow(
+                "answers.answer_start",
+                BAD_ANSWER,
+                f"answer {text!r} should start at character {start}, but the context reads {found!r} there. "
+                "answer_start must be the 0-based character offset of the answer text in the context.",
+            )
+    if not texts and not params.allow_no_answer:
+        return BadRow(
+            "answers",
+            NO_ANSWER,
+            "the question has no answer. Set data.version_2_with_negative=true to train on unanswerable questions.",
+        )
+    return None
+
+
+def _duplicate_ids(split: RawSplit) -> list[tuple[int, BadRow]]:
+    """Every repeat of an id after its first row: evaluation matches predictions to examples by id."""
+    seen: set = set()
+    repeats = []
+    for position, example_id in enumerate(split.dataset.select_columns(["id"]).to_dict()["id"]):
+        if example_id in seen:
+            detail = (f"id {example_id!r} is used twice; evaluation matches predictions to examples by id, so ids "
+                      "must be unique.")
+            repeats.append((position, BadRow("id", DUPLICATE_ID, detail)))
+        seen.add(example_id)
+    return repeats
+
+
 # ---------------------------------------------------------------------------------------------- features
 def build_qa_features(batch: dict[str, list], indices: list[int], *, tokenizer: GPTJTokenizer, params: QaParams):
-    """One map batch of examples -> one feature per context window."""
+    """One map batch of checked examples -> one feature per context window."""
     out: dict[str, list] = {name: [] for name in (EVAL_FEATURES if params.keep_eval_columns else TRAIN_FEATURES)}
-    questions = [_text(q, i, "question").strip() for q, i in zip(batch["question"], indices)]
-    contexts = [_text(c, i, "context") for c, i in zip(batch["context"], indices)]
+    questions = [question.strip() for question in batch["question"]]
+    contexts = batch["context"]
     separator = tokenizer.encode(params.qa_separator)
     eos = tokenizer.eos_token_id
     question_ids = tokenizer.encode_batch(questions)
     context_encodings = tokenizer.encode_with_offsets(contexts)
-    for position, index in enumerate(indices):
-        context, q_ids = contexts[position], question_ids[position]
+    for position, context in enumerate(contexts):
+        q_ids = question_ids[position]
         c_ids = context_encodings[position].ids
         offsets = trim_offsets(context, context_encodings[position].offsets)
-        answers = _checked_answers(batch["answers"][position], context, index, params)
-        target = _token_span(offsets, *answers[0]) if answers else None
-
+        texts, starts = _answer_lists(batch["answers"][position])
+        target = _token_span(offsets, starts[0], starts[0] + len(texts[0])) if texts else None
         room = params.max_seq_len - len(q_ids) - len(separator) - 1
-        if room < 1 or (len(c_ids) > room and room <= params.doc_stride):
-            raise RowError(
-                index,
-                "question",
-                f"the question has {len(q_ids)} tokens, leaving {room} of data.max_seq_len={params.max_seq_len} for "
-                f"the context, which must exceed data.doc_stride={params.doc_stride}. Raise data.max_seq_len, lower "
-                "data.doc_stride, or shorten the question.",
-            )
         for start, end in _windows(len(c_ids), room, params.doc_stride):
             window = c_ids[start:end]
             if params.question_first:
@@ -185,59 +259,7 @@ def _token_span(offsets: list[tuple[int, int]], start_char: int, end_char: int) 
     return first, last
 
 
-def _checked_answers(value: Any, context: str, index: int, params: QaParams) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the gold answers, each checked against the context."""
-    if isinstance(value, dict):
-        texts, starts = value.get("text") or [], value.get("answer_start") or []
-    elif isinstance(value, list):  # a list of {"text", "answer_start"} objects
-        texts = [a.get("text") for a in value]
-        starts = [a.get("answer_start") for a in value]
-    else:
-        raise RowError(index, "answers", "expected {'text': [...], 'answer_start': [...]}, got "
-                       f"{type(value).__name__}.")  # fmt: skip
-    if len(texts) != len(starts):
-        raise RowError(index, "answers", f"{len(texts)} answer texts but {len(starts)} answer_start values.")
-    spans = []
-    for text, start in zip(texts, starts):
-        if not isinstance(text, str) or not isinstance(start, int) or not text:
-            raise RowError(index, "answers", f"answer {text!r} at {start!r}: need a non-empty text and an int start.")
-        found = context[start : start + len(text)]
-        if found != text:
-            raise RowError(
-                index,
-                "answers.answer_start",
-                f"answer {text!r} should start at character {start}, but the context reads {found!r} there. "
-                "answer_start must be the 0-based character offset of the answer text in the context.",
-            )
-        spans.append((start, start + len(text)))
-    if not spans and not params.allow_no_answer:
-        raise RowError(
-            index,
-            "answers",
-            "the question has no answer. Set data.version_2_with_negative=true to train on unanswerable questions.",
-        )
-    return spans
-
-
-def _text(value: Any, index: int, field: str) -> str:
-    if not isinstance(value, str):
-        raise RowError(index, field, "the value is missing (null)." if value is None else "expected text.")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------- loading
-def _check_unique_ids(split: RawSplit) -> None:
-    ids = split.dataset.select_columns(["id"]).to_dict()["id"]
-    seen: set = set()
-    for position, example_id in enumerate(ids):
-        if example_id in seen:
-            raise DataError(
-                f"Bad {split.name} example at {split.locate(position)}, field 'id': id {example_id!r} is used twice. "
-                "Evaluation matches predictions to examples by id, so ids must be unique."
-            )
-        seen.add(example_id)
-
-
 def qa_params(cfg: DataConfig, *, keep_eval_columns: bool) -> QaParams:
     if cfg.doc_stride < 0:
         raise ConfigError(f"data.doc_stride={cfg.doc_stride} must be >= 0 (the overlap of context windows in tokens).")
@@ -251,25 +273,33 @@ def qa_params(cfg: DataConfig, *, keep_eval_columns: bool) -> QaParams:
     )
 
 
-def process_qa_split(split: RawSplit, cfg: DataConfig, tokenizer: GPTJTokenizer, *, evaluation: bool):
+def process_qa_split(
+    split: RawSplit, cfg: DataConfig, tokenizer: GPTJTokenizer, *, evaluation: bool
+) -> tuple[datasets.Dataset, RawSplit, dict[str, int]]:
+    """Standardized split -> features (cached), the split of good examples, and the skipped rows per reason."""
     params = qa_params(cfg, keep_eval_columns=evaluation)
     features = EVAL_FEATURES if evaluation else TRAIN_FEATURES
-    return map_split(
+    extra = _duplicate_ids(split) if evaluation else ()
+    split, skipped = drop_bad_rows(split, check_qa_rows, tokenizer=tokenizer, params=params, cfg=cfg, extra=extra)
+    mapped = map_split(
         split, build_qa_features, tokenizer=tokenizer, params=params, cfg=cfg, desc=f"qa {split.name}", features=features
     )
+    return mapped, split, skipped
 
 
 def load_qa(cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
     """QA features; validation keeps example_id/offset_mapping, and `validation_examples` the raw examples."""
     train, validation = load_splits(cfg, task="qa", reader=read_qa_files)
-    train = standardize_columns(train, cfg)
+    train_features, _, skipped = process_qa_split(standardize_columns(train, cfg), cfg, tokenizer, evaluation=False)
     if validation is None:
-        return TaskData(train=process_qa_split(train, cfg, tokenizer, evaluation=False), validation=None)
-    validation = standardize_columns(validation, cfg)
-    _check_unique_ids(validation)
+        return TaskData(train=train_features, validation=None, skipped_rows={"train": skipped})
+    validation_features, validation, validation_skipped = process_qa_split(
+        standardize_columns(validation, cfg), cfg, tokenizer, evaluation=True
+    )
     return TaskData(
-        train=process_qa_split(train, cfg, tokenizer, evaluation=False),
-        validation=process_qa_split(validation, cfg, tokenizer, evaluation=True),
-        validation_examples=validation.dataset,
+        train=train_features,
+        validation=validation_features,
+        validation_examples=validation.dataset,  # the good examples only: metrics score what was predicted
+        skipped_rows={"train": skipped, "validation": validation_skipped},
     )
 

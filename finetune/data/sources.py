@@ -1,12 +1,16 @@
 """Where raw examples come from: files (json/jsonl, csv, parquet, text), a hub dataset, or the bundled data.
 
 `load_splits` returns the raw train and validation splits as `RawSplit`s, which remember their files so an
-error found later in a row can name the file and row it came from.
+error found later in a row can name the file and line it came from. Lines that cannot be parsed at all (a
+JSON Lines line that is not a JSON object, a csv line with too many fields) stop the load, or with
+`data.on_bad_row=skip` are left out of a cleaned copy of the file and recorded in `RawSplit.read_skips`.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import glob
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -17,6 +21,7 @@ import datasets
 import numpy as np
 
 from finetune.config import ConfigError, DataConfig
+from finetune.data.bad_rows import UNPARSEABLE, BadRow
 from finetune.data.errors import DataError
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
@@ -44,23 +49,27 @@ class RawSplit:
     cfg: Optional[DataConfig] = None
     # Position in `dataset` -> row of the concatenated files; None: the identity.
     row_map: Optional[tuple[int, ...]] = None
+    # Lines left out because they could not be parsed (data.on_bad_row=skip): (location, problem).
+    read_skips: tuple[tuple[str, BadRow], ...] = ()
 
     def select(self, indices: Sequence[int]) -> "RawSplit":
         rows = tuple(self.row_map[i] for i in indices) if self.row_map is not None else tuple(indices)
         return replace(self, dataset=self.dataset.select(indices), row_map=rows)
 
     def locate(self, index: int) -> str:
-        """'file F, row N' (1-based, counting records as read: lines of jsonl, data rows of csv, questions of SQuAD)."""
+        """Where row `index` came from: 'file F, line N' for JSON Lines and csv (the line its record starts on),
+        'file F, row N' for other files (1-based: rows of parquet and text, questions of SQuAD JSON),
+        '<hub dataset>, row N' for the hub. Error path only: it may scan the files."""
         row = self.row_map[index] if self.row_map is not None else index
-        if len(self.files) == 1:
-            return f"file {self.files[0]}, row {row + 1}"
-        if self.files and self.reader is not None:
-            # Error path only: count the rows of each file to find the one holding `row`.
-            for path in self.files:
+        for position, path in enumerate(self.files):
+            lines = record_lines(path, self.fmt)
+            is_last = position == len(self.files) - 1
+            count = len(lines) if lines is not None else None
+            if count is None and not is_last and self.reader is not None:
                 count = len(self.reader([path], self.fmt, self.cfg))
-                if row < count:
-                    return f"file {path}, row {row + 1}"
-                row -= count
+            if count is None or row < count:
+                return f"file {path}, line {lines[row]}" if lines is not None else f"file {path}, row {row + 1}"
+            row -= count
         return f"{self.source}, row {row + 1}"
 
 
@@ -126,6 +135,22 @@ def read_files(files: Sequence[str], fmt: str, cfg: DataConfig, *, json_field: O
         raise DataError(_diagnose_unreadable(files, fmt, error)) from None
 
 
+def record_lines(path: str, fmt: Optional[str]) -> Optional[list[int]]:
+    """1-based line on which each record of a JSON Lines or csv file starts, as datasets reads them (blank and
+    unparseable lines hold no record); None for other files. Cached per file version."""
+    if fmt not in ("json", "csv") or _is_compressed(path) or (fmt == "json" and not _is_json_lines(path)):
+        return None
+    stat = os.stat(path)
+    return list(_record_lines(path, fmt, stat.st_mtime_ns, stat.st_size))
+
+
+def unparseable_lines(path: str, fmt: Optional[str]) -> list[tuple[int, int, str]]:
+    """(first line, last line, problem) of each record of a JSON Lines or csv file that cannot be parsed."""
+    if fmt not in ("json", "csv") or _is_compressed(path) or (fmt == "json" and not _is_json_lines(path)):
+        return []
+    return [(start, end, problem) for start, end, problem in _scan(path, fmt) if problem is not None]
+
+
 def load_splits(cfg: DataConfig, *, task: str, reader: Reader = read_files) -> tuple[RawSplit, Optional[RawSplit]]:
     """Raw train and validation splits per the config; validation is carved from train when it has no files."""
     if cfg.dataset_name is not None and cfg.train_file is not None:
@@ -170,9 +195,47 @@ def _file_split(name: str, spec: Any, cfg: DataConfig, reader: Reader, *, key: s
     files = resolve_files(spec, key=key)
     fmt = detect_format(files, cfg.format, key=key)
     source = files[0] if len(files) == 1 else f"{len(files)} files: {files[0]} ... {files[-1]}"
-    split = RawSplit(name, reader(files, fmt, cfg), source, tuple(files), fmt, reader, cfg)
+    skipped: list[tuple[str, BadRow]] = []
+    try:
+        dataset = reader(files, fmt, cfg)
+    except DataError:
+        bad = {path: unparseable_lines(path, fmt) for path in files}
+        if any(bad.values()) and cfg.on_bad_row != "skip":
+            raise
+        # Read cleaned copies instead; locations still name the original files (record_lines skips the same lines).
+        # Blank JSON lines are dropped too: datasets' fallback for columns of mixed types fails on them.
+        copied = [path for path in files if bad[path] or _has_blank_json_lines(path, fmt)]
+        if not copied:
+            raise
+        readable = [_cleaned_copy(path, bad[path], cfg) if path in copied else path for path in files]
+        dataset = reader(readable, fmt, cfg)
+        skipped = [(f"file {path}, line {start}", BadRow("", UNPARSEABLE, problem))
+                   for path in files for start, _, problem in bad[path]]  # fmt: skip
+    split = RawSplit(name, dataset, source, tuple(files), fmt, reader, cfg, read_skips=tuple(skipped))
     require_rows(split)
     return split
+
+
+def _cleaned_copy(path: str, bad: list[tuple[int, int, str]], cfg: DataConfig) -> str:
+    """`path` without the `bad` line ranges, under the datasets cache (same name, so the format is unchanged).
+    Named by the file's path, size and mtime: every rank and every rerun finds the one rank 0 wrote."""
+    stat = os.stat(path)
+    digest = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(cfg.cache_dir or datasets.config.HF_DATASETS_CACHE) / "finetune_cleaned" / digest
+    target = root / Path(path).name
+    if not target.exists():
+        dropped = {line for start, end, _ in bad for line in range(start, end + 1)}
+        root.mkdir(parents=True, exist_ok=True)
+        partial = root / f".{target.name}.{os.getpid()}.tmp"
+        with (open(path, encoding="utf-8", newline="") as source,
+              open(partial, "w", encoding="utf-8", newline="") as out):  # fmt: skip
+            keep_blank = _extension(path) == ".csv"  # in csv, a blank line may belong to a quoted field
+            out.writelines(line for number, line in enumerate(source, start=1)
+                           if number not in dropped and (keep_blank or line.strip()))  # fmt: skip
+        os.replace(partial, target)  # atomic: a reader never sees half a file
+    if bad and record_lines(str(target), "csv" if _extension(path) == ".csv" else "json") == []:
+        raise DataError(f"No line of {path} could be parsed ({bad[0][2]} at line {bad[0][0]}, ...). Fix the file.")
+    return str(target)
 
 
 def _hub_splits(cfg: DataConfig) -> tuple[RawSplit, Optional[RawSplit]]:
@@ -208,7 +271,63 @@ def _carve_validation(train: RawSplit, cfg: DataConfig) -> tuple[RawSplit, Optio
     order = np.random.default_rng(cfg.split_seed).permutation(n)
     validation_rows = sorted(order[:held_out].tolist())
     train_rows = sorted(order[held_out:].tolist())
-    return train.select(train_rows), replace(train.select(validation_rows), name="validation")
+    # Unparseable lines stay counted once, with train (their file's split).
+    return train.select(train_rows), replace(train.select(validation_rows), name="validation", read_skips=())
+
+
+def _is_compressed(path: str) -> bool:
+    return _extension(path) != os.path.splitext(path.lower())[1]
+
+
+def _is_json_lines(path: str) -> bool:
+    """A .jsonl file, or a .json file whose first line is a whole JSON object (datasets reads both as lines)."""
+    if path.lower().endswith(".jsonl"):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _has_blank_json_lines(path: str, fmt: str) -> bool:
+    if fmt != "json" or _is_compressed(path) or not _is_json_lines(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return any(not line.strip() for line in handle)
+
+
+@functools.lru_cache(maxsize=64)
+def _record_lines(path: str, fmt: str, mtime_ns: int, size: int) -> tuple[int, ...]:  # stat: the cache key
+    return tuple(start for start, _, problem in _scan(path, fmt) if problem is None)
+
+
+def _scan(path: str, fmt: str) -> Iterable[tuple[int, int, Optional[str]]]:
+    """(first line, last line, problem or None) of each record of a JSON Lines or csv file."""
+    with open(path, encoding="utf-8", newline="" if fmt == "csv" else None) as handle:
+        if fmt == "json":
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield number, number, _json_line_problem(line)
+            return
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if row:  # blank lines hold no record (pandas skips them)
+                too_many = len(row) > len(header)
+                yield start, end, (f"the line has {len(row)} fields but the header has {len(header)}" if too_many
+                                   else None)
+
+
+def _json_line_problem(line: str) -> Optional[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"the line is not valid JSON ({error.msg}, column {error.colno})"
+    return None if isinstance(record, dict) else f"the line is a JSON {type(record).__name__}, not an object"
 
 
 def _extension(path: str) -> str:
@@ -224,13 +343,18 @@ def _diagnose_unreadable(files: Iterable[str], fmt: str, error: Exception) -> st
     for path in files:
         problem = _first_problem(path, fmt)
         if problem is not None:
+            skippable = len(unparseable_lines(path, fmt))
+            if skippable:  # line-level damage: the rest of the file is usable
+                many = f" ({skippable} lines cannot be parsed)" if skippable > 1 else ""
+                return (f"Cannot read {path} as {fmt}: {problem}{many}. Fix the file, or set data.on_bad_row=skip "
+                        "to drop unparseable lines (they are counted in the metrics).")
             return f"Cannot read {path} as {fmt}: {problem}. Fix the file (or data.format, if it is not {fmt})."
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     return f"Cannot read the {fmt} files {list(files)}: {reason}. Check that the files are valid {fmt}."
 
 
 def _first_problem(path: str, fmt: str) -> Optional[str]:
-    if _extension(path) != os.path.splitext(path.lower())[1]:
+    if _is_compressed(path):
         return None  # compressed: leave the diagnosis to datasets' message
     try:
         if fmt == "json":
@@ -267,7 +391,7 @@ def _json_problem(path: str) -> Optional[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            return f"line {line_number} is not valid JSON ({error.msg} at column {error.colno})"
+            return f"line {line_number} is not valid JSON ({error.msg}, column {error.colno})"
         if not isinstance(record, dict):
             return f"line {line_number} is a JSON {type(record).__name__}, but each line must be an object"
     return None

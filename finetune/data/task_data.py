@@ -1,7 +1,7 @@
 """What every task's data loader returns to the runner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
@@ -23,6 +23,8 @@ class TaskData:
     qa: input_ids, attention_mask, start_positions, end_positions; `validation` also keeps example_id and
     offset_mapping ((start, end) into the context for context tokens, None elsewhere) for post-processing, and
     `validation_examples` holds the raw examples (id, title, context, question, answers).
+    `skipped_rows` maps each split (train, validation) to its rows dropped by data.on_bad_row=skip, per reason
+    (finetune.data.bad_rows); empty dicts when nothing was skipped.
     """
 
     train: datasets.Dataset
@@ -32,3 +34,12 @@ class TaskData:
     id2label: Optional[dict[int, str]] = None
     # HF names: single_label_classification | multi_label_classification | regression
     problem_type: Optional[str] = None
+    skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def skipped_row_metrics(self) -> dict[str, int]:
+        """Flat metrics of `skipped_rows`: `skipped_rows_<split>` (the total) and `skipped_rows_<split>_<reason>`."""
+        metrics = {}
+        for split, counts in self.skipped_rows.items():
+            metrics[f"skipped_rows_{split}"] = sum(counts.values())
+            metrics.update({f"skipped_rows_{split}_{reason}": count for reason, count in sorted(counts.items())})
+        return metrics

@@ -58,8 +58,9 @@ def launch(datasets_cache):
     def _launch(run_dir: Path, *overrides: str, nprocs: int = 2, timeout: float = 600, check: bool = True,
                 env: Optional[dict] = None) -> TrainingRun:
         bin_dir = Path(sys.executable).parent
+        port = _free_port()
         if nprocs:
-            cmd = [str(bin_dir / "deepspeed"), "--master_port", str(_free_port()), "--num_gpus", str(nprocs), str(TRAIN)]
+            cmd = [str(bin_dir / "deepspeed"), "--master_port", str(port), "--num_gpus", str(nprocs), str(TRAIN)]
         else:
             cmd = [sys.executable, str(TRAIN)]
         cmd += [f"hydra.run.dir={run_dir}", "logger=none", *overrides]
@@ -78,6 +79,9 @@ def launch(datasets_cache):
         run = TrainingRun(Path(run_dir), proc.returncode, proc.stdout + proc.stderr)
         if check and proc.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{run.output[-6000:]}")
+        # DeepSpeed's CPU allreduce segments (66 MB of RAM each) must not outlive the launch, however it ended.
+        leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert not leaked, f"{' '.join(cmd)} left {[p.name for p in leaked]} in /dev/shm"
         return run
 
     return _launch

@@ -61,7 +61,7 @@ def worker(out_dir: Path) -> None:
                 model = build_model(GPTJConfig(**TINY), task="clm", init=False)
         else:
             model = build_model(GPTJConfig(**TINY), task="clm")
-        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, train_head=True))
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )

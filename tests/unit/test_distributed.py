@@ -1,6 +1,7 @@
 """Rank discovery and the shared default run-dir name, without starting a process group."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,45 @@ def test_rng_state_round_trip():
     distributed.seed_everything(2)
     distributed.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    info = distributed.init_distributed(collective_timeout_s=2)
+    result = {}
+    with distributed.main_process_first(info):  # rank 0 "processes data" longer than the collective timeout
+        if info.is_main:
+            time.sleep(3)
+    result["setup_wait"] = "ok"
+    if info.is_main:  # rank 1 hangs without dying: rank 0's collective must give up after ~2 s, not 30 min
+        started = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.zeros(1))
+            result["hung_peer"] = "returned"
+        except RuntimeError as err:
+            result["hung_peer"] = type(err).__name__
+        result["seconds"] = time.monotonic() - started
+    else:
+        time.sleep(5)  # then it exits, which would end rank 0's wait too: the bound below tells them apart
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+        json.dump(result, out)
+    os._exit(0)  # the group is broken: skip its teardown
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_collective_timeout_bounds_a_hung_peer_but_not_the_setup_wait(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_timeout_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["setup_wait"] == "ok" and json.loads((tmp_path / "rank1.json").read_text())["setup_wait"] == "ok"
+    assert rank0["hung_peer"] != "returned"
+    assert 1.5 < rank0["seconds"] < 4.5, rank0

@@ -187,3 +187,58 @@ def test_param_groups_skip_frozen_parameters():
     groups = param_groups(model, weight_decay=0.1)
     assert sum(len(g["params"]) for g in groups) == 3
     assert all(p is not model[0].weight for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_warmup_rises_from_the_first_step_and_the_last_step_still_learns(name):
+    from finetune.engine import lr_factor
+
+    total, warmup = 20, 4
+    ds = build(load_ds_json("ds_configs/zero2.json")[0], total_steps=total,
+               scheduler=SchedulerConfig(name=name, warmup_steps=warmup, min_lr_ratio=0.1))
+    factor = lr_factor(ds["scheduler"])
+    rates = [factor(done) for done in range(total)]  # rates[k]: the multiplier of optimizer step k + 1
+    assert rates[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    after = rates[warmup:]
+    if name == "constant":
+        assert after == [1.0] * len(after)
+    else:  # decays monotonically, never to a useless 0
+        assert all(a >= b for a, b in zip(after, after[1:])) and after[0] < 1.0 and after[-1] > 0
+        assert after[-1] == pytest.approx(0.1 if name == "cosine" else 1 / (total - warmup + 1))
+
+
+# A real one-process DeepSpeed engine in a subprocess (no process group outlives the test): the rate each step's
+# update uses, read before engine.step(), follows lr_factor from step 1 on.
+SCHEDULE_SCRIPT = """
+import json, torch
+from finetune import distributed
+from finetune.config import OptimConfig, SchedulerConfig, TrainerConfig
+from finetune.engine import build_ds_config, initialize, load_ds_json
+
+distributed.init_distributed()
+base, source = load_ds_json("ds_configs/zero2.json")
+ds = build_ds_config(base, source=source, trainer=TrainerConfig(micro_batch_size=2), optim=OptimConfig(lr=0.1),
+                     scheduler=SchedulerConfig(name="cosine", warmup_steps=2, min_lr_ratio=0.1), world_size=1,
+                     total_steps=4, accelerator="cpu")
+engine = initialize(torch.nn.Linear(4, 1), ds, weight_decay=0.0)
+rates = []
+for _ in range(4):
+    rates.append(engine.get_lr()[0])
+    engine.backward(engine(torch.ones(2, 4)).pow(2).mean())
+    engine.step()
+print(json.dumps(rates))
+"""
+
+
+def test_deepspeed_applies_the_schedule_from_the_first_step():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE_SCRIPT], cwd=Path(__file__).resolve().parents[2],
+                          env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = json.loads(proc.stdout.strip().splitlines()[-1])
+    # warmup 0.05, 0.1; then cosine from step 3 (progress 1/2) to the floor at step 4
+    assert rates == pytest.approx([0.05, 0.1, 0.1 * (0.1 + 0.9 * 0.5), 0.01])

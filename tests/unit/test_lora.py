@@ -1,4 +1,6 @@
 """LoRA through peft: what trains, bad targets, and adapters/merged weights that load in transformers."""
+import dataclasses
+
 import peft
 import pytest
 import torch
@@ -54,20 +56,24 @@ def logits(model, task, ids):
 IDS = torch.randint(0, 999, (2, 9), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("task", ["clm", "qa"])
-def test_only_adapters_and_head_train(task):
+@pytest.mark.parametrize("task, train_head, head_trains", [
+    ("clm", None, False), ("clm", True, True), ("qa", None, True), ("qa", False, False),
+])
+def test_only_adapters_and_the_configured_head_train(task, train_head, head_trains):
     model, _ = ours_and_base_state(task)
     cfg = GPTJConfig(**TINY)
     head_numel = sum(p.numel() for p in getattr(model, HEAD[task]).parameters())
-    peft_model = apply_lora(model, LORA)
+    peft_model = apply_lora(model, dataclasses.replace(LORA, train_head=train_head))
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     # Each target gets A (r x in) and B (out x r): q_proj and v_proj are n_embd -> n_embd, fc_in n_embd -> inner_dim.
     per_layer = LORA.r * (cfg.n_embd + cfg.n_embd) * 2 + LORA.r * (cfg.n_embd + cfg.inner_dim)
-    assert sum(p.numel() for p in trainable.values()) == per_layer * cfg.n_layer + head_numel
+    assert sum(p.numel() for p in trainable.values()) == per_layer * cfg.n_layer + head_numel * head_trains
     assert all(".lora_A." in n or ".lora_B." in n or f"{HEAD[task]}.modules_to_save." in n for n in trainable)
     # Everything else, including the original head copy and the adapted layers' base weights, is frozen.
     frozen = [n for n, p in peft_model.named_parameters() if not p.requires_grad]
-    assert any("q_proj.base_layer" in n for n in frozen) and any(f"{HEAD[task]}.original_module" in n for n in frozen)
+    assert any("q_proj.base_layer" in n for n in frozen)
+    head_weight = f"{HEAD[task]}.original_module.weight" if head_trains else f"{HEAD[task]}.weight"
+    assert any(n.endswith(head_weight) for n in frozen)
 
 
 def test_all_linear_adapts_every_backbone_linear():
@@ -94,10 +100,13 @@ def test_adapter_loads_with_peft_onto_transformers_gptj(task, tmp_path):
     perturb_trainable(peft_model)
     save_adapter(peft_model, tmp_path)
 
-    # Head weights travel in the adapter file (modules_to_save), under the base model's names.
+    # A trained head travels in the adapter file (modules_to_save), under the base model's names; a frozen one not.
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    trained_head = getattr(peft_model.get_base_model(), HEAD[task]).modules_to_save["default"].weight
-    assert torch.equal(saved[f"base_model.model.{HEAD[task]}.weight"], trained_head)
+    if LORA.trains_head(task):
+        trained_head = getattr(peft_model.get_base_model(), HEAD[task]).modules_to_save["default"].weight
+        assert torch.equal(saved[f"base_model.model.{HEAD[task]}.weight"], trained_head)
+    else:
+        assert not any(HEAD[task] in key for key in saved)
 
     hf_peft = peft.PeftModel.from_pretrained(hf_model(task, base_state), tmp_path).eval()
     with torch.no_grad():

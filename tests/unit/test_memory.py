@@ -237,6 +237,19 @@ def test_lora_fits_a_single_24gb_gpu_without_zero():
     assert p.recommended is not None and p.recommended.option == Option(stage=0)
 
 
+def test_plan_over_a_subset_of_options_with_buffers_per_option():
+    from finetune.memory import ZeroBuffers
+
+    run, cluster = RunShape(micro_batch_size=1, seq_len=512), Cluster(gpus_per_node=8, gpu_memory_gb=80)
+    zero3, offload = Option(stage=3), Option(stage=3, offload_optimizer="cpu", offload_params="cpu")
+    big = ZeroBuffers(reduce_bucket_size=4_000_000_000)
+    p = plan(GPTJ_6B, run, cluster, options=[offload, zero3], buffers={zero3: big, 3: ZeroBuffers()})
+    assert [e.option for e in p.options] == [offload, zero3]  # the given order is the speed order
+    assert p.recommended.option == offload
+    assert p.options[1].gpu_bytes == estimate(GPTJ_6B, run, cluster, zero3, buffers=big).gpu_bytes  # own entry wins
+    assert p.options[0].gpu_bytes == estimate(GPTJ_6B, run, cluster, offload).gpu_bytes  # the stage's entry
+
+
 def test_margin_is_respected():
     run, cluster = RunShape(micro_batch_size=8, seq_len=2048), Cluster(gpus_per_node=8, gpu_memory_gb=80)
     for margin in (0.0, 0.3, 0.6):

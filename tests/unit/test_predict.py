@@ -96,6 +96,16 @@ def test_cls_predictions_follow_the_model_logits(tokenizer):
         assert prediction["scores"] == pytest.approx(dict(zip(["neg", "neu", "pos"], probs.tolist())), rel=1e-5)
 
 
+@pytest.mark.parametrize("task, row, field", [("cls", {"text": None}, "text"),
+                                               ("qa", {"question": "why?", "context": 7}, "context")])
+def test_a_bad_input_row_is_named_with_its_field(tokenizer, task, row, field):
+    model = tiny(task, num_labels=2) if task == "cls" else tiny(task)
+    good = {"text": "fine"} if task == "cls" else {"question": "who?", "context": "Ann did."}
+    predict = make_predictor(task, model, tokenizer, DataConfig(max_seq_len=32), input_name="in.jsonl")
+    with pytest.raises(PredictionInputError, match=rf"in.jsonl, row 12, field '{field}'"):
+        predict([good, row], 10)
+
+
 def test_cls_regression_gives_a_score(tokenizer):
     model = tiny("cls", num_labels=1)
     predictions = make_predictor("cls", model, tokenizer, DataConfig())([{"text": "x"}, {"text": "y z"}], 0)

@@ -75,19 +75,22 @@ def test_another_process_computes_the_same_fingerprint_and_reads_the_cache(tmp_p
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
-def test_bad_row_leaves_no_cache_entry(tmp_path, make_cfg, write_jsonl, tokenizer, num_proc):
+def test_bad_row_stops_before_features_are_cached(tmp_path, make_cfg, write_jsonl, tokenizer, num_proc):
     rows = [{"text": f"text {i}", "label": i % 3} for i in range(30)]
     rows[25]["label"] = None
-    cfg = make_cfg(train_file=write_jsonl(tmp_path / "train.jsonl", rows), validation_fraction=0, num_proc=num_proc)
-    with pytest.raises(DataError, match=r"train\.jsonl, row 26, field 'label'"):
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = make_cfg(train_file=path, validation_fraction=0, num_proc=num_proc)
+    with pytest.raises(DataError, match=r"train\.jsonl, line 26, field 'label'"):
         load_task_data("cls", cfg, tokenizer)
     cache = Path(cfg.cache_dir)
     assert not list(cache.rglob("tmp*"))
-    leftovers = [p.name for p in cache.rglob("cache-*.arrow")]
-    if num_proc == 1:
-        assert leftovers == []
-    else:  # the shard of rows 0-14 may finish and stay cached (it is complete); the failing shard never is
-        assert not [name for name in leftovers if name.endswith("_00001_of_00002.arrow")]
+    # Only the row checks' output (one map: one fingerprint, a file per process) is cached, no features.
+    cached = [p.name for p in cache.rglob("cache-*.arrow")]
+    assert len(cached) == num_proc and len({name.split("_")[0] for name in cached}) == 1
+
+    rows[25]["label"] = 1
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    assert load_task_data("cls", cfg, tokenizer).train["labels"] == [row["label"] for row in rows]
 
 
 def test_two_processes_give_the_same_features(make_cfg, tokenizer):

@@ -55,7 +55,7 @@ def test_unpacked_documents_are_truncated_or_rejected(tmp_path, make_cfg, write_
 
     cfg = make_cfg(train_file=train, validation_fraction=0, packing=False, max_seq_len=12, text_column="body",
                    truncation=False)  # fmt: skip
-    with pytest.raises(DataError, match=r"train\.jsonl, row 3, field 'body'.*more than data\.max_seq_len=12"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 3, field 'body'.*more than data\.max_seq_len=12"):
         load_task_data("clm", cfg, tokenizer)
 
 

@@ -27,15 +27,15 @@ def test_integer_labels_infer_num_labels_and_reject_out_of_range(tmp_path, make_
     assert load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, num_labels=6).num_labels == 6
 
     bad_validation = [{"text": "c", "label": 1}, {"text": "d", "label": 4}]
-    with pytest.raises(DataError, match=r"validation\.jsonl, row 2, field 'label'.*label 4 is outside 0\.\.3"):
+    with pytest.raises(DataError, match=r"validation\.jsonl, line 2, field 'label'.*label 4 is outside 0\.\.3"):
         load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, bad_validation)
-    with pytest.raises(DataError, match=r"train\.jsonl, row 2, field 'label'.*outside 0\.\.1"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2, field 'label'.*outside 0\.\.1"):
         load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, num_labels=2)
 
 
 def test_unknown_label_name_in_validation(tmp_path, make_cfg, write_jsonl, tokenizer):
     rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
-    with pytest.raises(DataError, match=r"validation\.jsonl, row 1, field 'label'.*'meh' is not a training label"):
+    with pytest.raises(DataError, match=r"validation\.jsonl, line 1, field 'label'.*'meh' is not a training label"):
         load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, [{"text": "so so", "label": "meh"}])
 
 
@@ -73,12 +73,12 @@ def test_text_pairs_and_truncation(tmp_path, make_cfg, write_jsonl, tokenizer):
     data = load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, text_column="premise", label_column="y",
                 max_seq_len=2)  # fmt: skip
     assert data.train["input_ids"][0] == tokenizer.encode("It rains.")[:2]
-    with pytest.raises(DataError, match=r"train\.jsonl, row 1, field 'premise'.*data\.truncation is false"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 1, field 'premise'.*data\.truncation is false"):
         load(tmp_path, make_cfg, write_jsonl, tokenizer, rows, text_column="premise", label_column="y",
              max_seq_len=2, truncation=False)  # fmt: skip
 
 
 def test_missing_label_value_names_row(tmp_path, make_cfg, write_jsonl, tokenizer):
     rows = [{"text": "a", "label": "x"}, {"text": "b", "label": None}, {"text": "c", "label": "y"}]
-    with pytest.raises(DataError, match=r"train\.jsonl, row 2, field 'label'.*missing"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2, field 'label'.*missing"):
         load(tmp_path, make_cfg, write_jsonl, tokenizer, rows)

@@ -116,20 +116,20 @@ def test_answer_start_mismatch_names_file_row_and_field(tmp_path, make_cfg, writ
     rows = squad_rows()[:2]
     rows[1]["answers"]["answer_start"][1] = 44
     path = write_jsonl(tmp_path / "dev.jsonl", rows)
-    with pytest.raises(DataError, match=r"dev\.jsonl, row 2, field 'answers\.answer_start'.*'Vasp' should start "
+    with pytest.raises(DataError, match=r"dev\.jsonl, line 2, field 'answers\.answer_start'.*'Vasp' should start "
                                         r"at character 44, but the context reads 'asp\.' there"):  # fmt: skip
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0), tokenizer)
 
 
 def test_unanswerable_question_needs_version_2(tmp_path, make_cfg, write_jsonl, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", squad_rows())
-    with pytest.raises(DataError, match=r"row 3, field 'answers'.*version_2_with_negative=true"):
+    with pytest.raises(DataError, match=r"line 3, field 'answers'.*version_2_with_negative=true"):
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0), tokenizer)
 
 
 def test_question_too_long_for_max_seq_len(tmp_path, make_cfg, write_jsonl, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", squad_rows()[:1])
-    with pytest.raises(DataError, match=r"row 1, field 'question'.*Raise data\.max_seq_len"):
+    with pytest.raises(DataError, match=r"line 1, field 'question'.*Raise data\.max_seq_len"):
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, max_seq_len=8, doc_stride=2), tokenizer)
 
 

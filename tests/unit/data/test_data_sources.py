@@ -58,13 +58,13 @@ def test_errors_name_the_original_file_and_row(tmp_path, make_cfg, write_jsonl, 
     good = write_jsonl(tmp_path / "a.jsonl", ROWS[:3])
     bad_rows = [dict(ROWS[0]), {"text": None, "label": "a"}]
     bad = write_jsonl(tmp_path / "b.jsonl", bad_rows)
-    with pytest.raises(DataError, match=r"b\.jsonl, row 2, field 'text'.*missing"):
+    with pytest.raises(DataError, match=r"b\.jsonl, line 2, field 'text'.*missing"):
         load_task_data("cls", make_cfg(train_file=[good, bad], validation_fraction=0), tokenizer)
     # Rows carved off for validation still point at their line in the train file.
     rows = [dict(row) for row in ROWS]
     rows[13]["label"] = None
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(DataError, match=r"Bad (train|validation) example at file .*c\.jsonl, row 14, field 'label'"):
+    with pytest.raises(DataError, match=r"Bad (train|validation) example at file .*c\.jsonl, line 14, field 'label'"):
         load_task_data("cls", make_cfg(train_file=path, validation_fraction=0.5), tokenizer)
 
 
