@@ -11,7 +11,7 @@ Launch: run it as a plain script; it re-executes itself as the rank processes.
     launches DeepSpeed on CPU; fp32; torch's AdamW (`torch_adam: true`, no offload).
   * `--device cuda`: `deepspeed --num_gpus N bench/train_step.py --worker ...`; bf16; DeepSpeed's FusedAdam,
     or CPU Adam with `--offload` (ZeRO optimizer offload to CPU); `--lora` wraps ours with
-    `finetune.lora.apply_lora` and HF's with the same peft LoraConfig (q_proj, v_proj, head fully trained).
+    `finetune.lora.apply_lora` and HF's with the same peft LoraConfig (q_proj, v_proj; lm_head frozen).
 
     python bench/train_step.py                                   # CPU, 2 ranks, ZeRO-2 and ZeRO-3
     python bench/train_step.py --steps 6 --warmup 2 --stages 3   # shorter
@@ -118,8 +118,7 @@ def build_pair(args):
         cfg = LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
         ours = apply_lora(ours, cfg)
         hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                                     target_modules=["q_proj", "v_proj"],
-                                                     modules_to_save=["lm_head"]))
+                                                     target_modules=["q_proj", "v_proj"]))  # lm_head frozen, as ours
     return ours, hf
 
 
