@@ -21,7 +21,7 @@ import datasets
 
 from finetune.config import DataConfig
 from finetune.data import load_task_data
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has had "
          "river city music paper garden engine market winter light stone report energy").split()  # fmt: skip

@@ -1,4 +1,4 @@
-"""Peak host memory of loading a GPT-J-shaped checkpoint: finetune.checkpoint vs transformers' from_pretrained.
+"""Peak host memory of loading a GPT-J-shaped checkpoint: finetune.model.hf_weights vs transformers' from_pretrained.
 
 Writes a random GPT-J-shaped safetensors checkpoint (full width 4096 and vocab 50400, fewer layers so it
 fits next to other work), then loads it into bf16 and fp32, here and with transformers, each in a fresh
@@ -69,8 +69,8 @@ def _status_bytes(field: str) -> int:
 def measure(loader: str, model_dir: str, dtype_name: str) -> dict:
     dtype = DTYPES[dtype_name]
     if loader == "finetune":
-        from finetune.checkpoint import load_pretrained
         from finetune.model import GPTJConfig, build_model
+        from finetune.model.hf_weights import load_pretrained
 
         build_model(GPTJConfig.preset("tiny"), device="meta")  # torch's one-time imports on first meta build
         load = lambda: load_pretrained(model_dir, task="clm", dtype=dtype)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Check the memory planner (finetune/memory.py) against what DeepSpeed really allocates.
+"""Check the memory planner (finetune/planning/estimate.py) against what DeepSpeed really allocates.
 
 CPU, 2 gloo ranks on DeepSpeed's CPU accelerator: after one training step, each rank's parameter
 partitions, gradient partitions and optimizer states (fp32 master + exp_avg + exp_avg_sq), against the
@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from finetune.memory import CUDA_CONTEXT_BYTES, Cluster, ModelShape, Option, RunShape, estimate, zero_buffers_from_ds_config
+from finetune.planning.estimate import (
+    CUDA_CONTEXT_BYTES,
+    Cluster,
+    ModelShape,
+    Option,
+    RunShape,
+    estimate,
+    zero_buffers_from_ds_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -46,7 +54,8 @@ def build_model(shape: ModelShape, *, dtype: torch.dtype, checkpointing: bool, i
     fields = dict(n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head, vocab_size=shape.vocab_size,
                   rotary_dim=min(64, shape.n_embd // shape.n_head))
     if impl == "project":
-        from finetune.model import GPTJConfig, build_model as build
+        from finetune.model import GPTJConfig
+        from finetune.model import build_model as build
 
         model = build(GPTJConfig(**fields), task="clm")
         model.transformer.gradient_checkpointing = checkpointing

@@ -11,7 +11,7 @@ Launch: run it as a plain script; it re-executes itself as the rank processes.
     launches DeepSpeed on CPU; fp32; torch's AdamW (`torch_adam: true`, no offload).
   * `--device cuda`: `deepspeed --num_gpus N bench/train_step.py --worker ...`; bf16; DeepSpeed's FusedAdam,
     or CPU Adam with `--offload` (ZeRO optimizer offload to CPU); `--lora` wraps ours with
-    `finetune.lora.apply_lora` and HF's with the same peft LoraConfig (q_proj, v_proj; lm_head frozen).
+    `finetune.training.lora.apply_lora` and HF's with the same peft LoraConfig (q_proj, v_proj; lm_head frozen).
 
     python bench/train_step.py                                   # CPU, 2 ranks, ZeRO-2 and ZeRO-3
     python bench/train_step.py --steps 6 --warmup 2 --stages 3   # shorter
@@ -76,7 +76,7 @@ def ds_config(args, stage: int) -> dict:
     zero: dict = {"stage": stage}
     optimizer = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}}
     if args.device == "cpu":
-        optimizer["params"]["torch_adam"] = True  # as finetune.engine does on CPU without offload
+        optimizer["params"]["torch_adam"] = True  # as finetune.training.engine does on CPU without offload
     elif args.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     config = {
@@ -113,7 +113,7 @@ def build_pair(args):
         import peft
 
         from finetune.config import LoraConfig
-        from finetune.lora import apply_lora
+        from finetune.training.lora import apply_lora
 
         cfg = LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
         ours = apply_lora(ours, cfg)

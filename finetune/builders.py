@@ -5,18 +5,17 @@ from typing import Any, Optional
 
 import torch
 
-from . import checkpoint
-from .config import ConfigError, ModelConfig
-from .model import GPTJConfig, GPTJPreTrainedModel, build_model
+from finetune.config import ConfigError, ModelConfig
+from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model, hf_weights
 
-CONFIG_DTYPES = ("bf16", "fp16", "fp32")  # the names config files use (checkpoint.torch_dtype also takes HF's)
+CONFIG_DTYPES = ("bf16", "fp16", "fp32")  # the names config files use (hf_weights.torch_dtype also takes HF's)
 
 
 def torch_dtype(name: str, *, key: str = "model.dtype") -> torch.dtype:
     """The torch dtype of a config precision name (bf16 | fp16 | fp32); `key` names the setting in errors."""
     if name not in CONFIG_DTYPES:
         raise ConfigError(f"{key}={name!r} is not a supported dtype; set {key} to one of {', '.join(CONFIG_DTYPES)}.")
-    return checkpoint.torch_dtype(name)
+    return hf_weights.torch_dtype(name)
 
 
 def build_model_from_config(
@@ -39,7 +38,7 @@ def build_model_from_config(
         # Init in fp32 on the target device, then cast: HF's init draws its random numbers in fp32.
         model = build_model(config, task=task, device=device).to(dtype)
     else:
-        model = checkpoint.load_pretrained(
+        model = hf_weights.load_pretrained(
             model_cfg.path, task=task, dtype=dtype, config_overrides=overrides or None, device=device or "cpu"
         )
     model.gradient_checkpointing_enable(model_cfg.gradient_checkpointing)

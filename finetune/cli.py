@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.errors import DataError
-from .generation import GenerationError
-from .model import ModelConfigError
-from .tokenizer import TokenizerMismatchError
+from finetune.config import ConfigError
+from finetune.data.errors import DataError
+from finetune.model import ModelConfigError
+from finetune.model.generation import GenerationError
+from finetune.model.hf_weights import CheckpointError
+from finetune.model.tokenizer import TokenizerMismatchError
 
 # Errors caused by what the user asked for (config, files, arguments): their messages already say the fix,
 # so a traceback would only bury it. Add a project error class here when it is of that kind.

@@ -14,18 +14,21 @@ from typing import Any, Optional
 
 import torch
 
-from . import distributed
-from .config import ConfigError, RunConfig, parse_config
-from .distributed import DistInfo
-from .engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
-from .model import GPTJConfig, GPTJPreTrainedModel, build_model
-from .model.gptj import init_module_weights
-from .tasks import Task, get_task
-from .tokenizer import GPTJTokenizer
-from .train_loop import (Checkpointer, LoopResult, RankFailureError, TrainingError, total_optimizer_steps, train,
-                         write_eval_results)
+from finetune import distributed
+from finetune.config import ConfigError, RunConfig, parse_config
+from finetune.distributed import DistInfo
+from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model
+from finetune.model.gptj import init_module_weights
+from finetune.model.tokenizer import GPTJTokenizer
+from finetune.tasks import Task, get_task
+from finetune.training.checkpoints import Checkpointer
+from finetune.training.data_order import total_optimizer_steps
+from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
+from finetune.training.errors import RankFailureError, TrainingError
+from finetune.training.evaluation import write_eval_results
+from finetune.training.loop import LoopResult, train
 
-TRAINING_ERROR_EXIT_CODE = 3  # stopped by the loop itself (see train_loop.TrainingError); 2 is a user error
+TRAINING_ERROR_EXIT_CODE = 3  # stopped by the loop itself (see finetune.training.errors); 2 is a user error
 
 
 def register_resolvers() -> None:
@@ -57,7 +60,7 @@ def model_config(run: RunConfig, task_overrides: dict[str, Any]) -> GPTJConfig:
     task's tweaks (num_labels, pad_token_id, ...) applied."""
     import dataclasses
 
-    from .checkpoint import read_config, resolve_model_dir
+    from finetune.model.hf_weights import read_config, resolve_model_dir
 
     overrides = {**run.model.overrides, **task_overrides}
     if run.model.path is None:
@@ -82,8 +85,8 @@ def build_training_model(
     """
     import deepspeed
 
-    from .builders import torch_dtype
-    from .checkpoint import load_state_into, resolve_model_dir
+    from finetune.builders import torch_dtype
+    from finetune.model.hf_weights import load_state_into, resolve_model_dir
 
     dtype = torch_dtype(run.model.dtype)
     partitioned = zero_stage(ds_config) == 3
@@ -123,8 +126,8 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
     holds the merged model and the adapter moves to final/adapter/: transformers applies an adapter it finds
     next to the weights, which would add the LoRA delta a second time.
     """
-    from .builders import torch_dtype
-    from .checkpoint import save_pretrained
+    from finetune.builders import torch_dtype
+    from finetune.model.hf_weights import save_pretrained
 
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()  # full on rank 0, None elsewhere
@@ -138,7 +141,7 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
         save_pretrained(state, final, config=config, task=run.task, dtype=dtype, overwrite=True,
                         extra_writer=tokenizer.save_pretrained)
         return final
-    from .lora import merged_state_dict, save_adapter
+    from finetune.training.lora import merged_state_dict, save_adapter
 
     def write_adapter(directory: Path) -> None:
         save_adapter(engine.module, directory, gathered_state_dict=state, base_model_name_or_path=run.model.path)
@@ -176,7 +179,7 @@ def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Pa
 
     `deepspeed=auto` records its pick in run_dir; a relaunch of that run dir (a resume) keeps it, since a
     checkpoint only loads into the ZeRO layout that wrote it, even if the hardware would now suggest another."""
-    from . import memory_choice
+    from finetune.planning import choice as memory_choice
 
     if run.deepspeed.config_file == "auto":
         record = run_dir / AUTO_CHOICE_FILE if run_dir is not None else None
@@ -221,8 +224,8 @@ def run(cfg: Any) -> Optional[LoopResult]:
 def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     from deepspeed.accelerator import get_accelerator
 
-    from .logging import RunLogger, mfu, peak_flops_for_device
-    from .preemption import PreemptionHandler
+    from finetune.logging import RunLogger, mfu, peak_flops_for_device
+    from finetune.training.preemption import PreemptionHandler
 
     run_dir = agree_on_run_dir(info, hydra_run_dir())
     if info.is_main:
@@ -255,7 +258,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     distributed.seed_everything(run.trainer.seed)  # training randomness (dropout) independent of how init drew
     num_params = count_parameters(model)
     if run.lora.enabled:
-        from .lora import apply_lora
+        from finetune.training.lora import apply_lora
 
         model = apply_lora(model, run.lora)
     trainable = count_parameters(model, trainable_only=True)
@@ -326,7 +329,7 @@ def _offload_note(ds_config: dict[str, Any]) -> str:
 def _tokenizer_source(run: RunConfig) -> Optional[str]:
     if run.model.path is None:
         return None
-    from .checkpoint import resolve_model_dir
+    from finetune.model.hf_weights import resolve_model_dir
 
     return str(resolve_model_dir(run.model.path))
 

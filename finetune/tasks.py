@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
-from .config import DataConfig
-from .data import DataCollator, TaskData, load_task_data, postprocess_qa_predictions, qa_references
-from .tokenizer import GPTJTokenizer
+from finetune import metrics
+from finetune.config import DataConfig
+from finetune.data import DataCollator, TaskData, load_task_data, postprocess_qa_predictions, qa_references
+from finetune.model.tokenizer import GPTJTokenizer
 
 
 class Task(Protocol):
@@ -124,7 +124,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), ClassificationTask
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        from .config import ConfigError
+        from finetune.config import ConfigError
 
         raise ConfigError(f"task={name!r} is unknown; choose one of {', '.join(TASKS)} (e.g. task=qa).")
     return TASKS[name]

@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from finetune import distributed  # noqa: E402
 from finetune.builders import torch_dtype  # noqa: E402
-from finetune.checkpoint import load_state_into, read_config, resolve_model_dir  # noqa: E402
 from finetune.cli import run_cli  # noqa: E402
 from finetune.config import ConfigError, DataConfig, TaskConfig, to_typed  # noqa: E402
 from finetune.data.sources import BUNDLED_DATA_DIR  # noqa: E402
 from finetune.model import build_model  # noqa: E402
-from finetune.predict import is_adapter_dir, load_model_for_inference  # noqa: E402
+from finetune.model.hf_weights import load_state_into, read_config, resolve_model_dir  # noqa: E402
+from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
 from finetune.tasks import Task, get_task  # noqa: E402
-from finetune.tokenizer import GPTJTokenizer  # noqa: E402
-from finetune.train_loop import evaluate, write_eval_results  # noqa: E402
+from finetune.tools.predict import is_adapter_dir, load_model_for_inference  # noqa: E402
+from finetune.training.evaluation import evaluate, write_eval_results  # noqa: E402
 from launch.train import strip_launcher_args  # noqa: E402
 
 

@@ -4,7 +4,7 @@
     python launch/export.py checkpoint=outputs/qa/RUN/checkpoints/global_step200 out=DIR
     python launch/export.py checkpoint=RUN/checkpoints out=DIR merge_lora=false       # a LoRA run: adapter only
 
-The output loads with `finetune.checkpoint.load_pretrained`, launch/evaluate.py and transformers' AutoModelFor*.
+The output loads with `finetune.model.hf_weights.load_pretrained`, launch/evaluate.py and transformers' AutoModelFor*.
 Runs in one process on CPU; the weights are consolidated by DeepSpeed's zero_to_fp32, one shard at a time.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from finetune.cli import run_cli  # noqa: E402
 from finetune.config import ConfigError  # noqa: E402
-from finetune.export import export_checkpoint  # noqa: E402
+from finetune.tools.export import export_checkpoint  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="export")

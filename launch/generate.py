@@ -17,11 +17,11 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from finetune.builders import build_model_from_config
-from finetune.checkpoint import resolve_model_dir
 from finetune.cli import quote_free_text_overrides, run_cli
 from finetune.config import ConfigError, GenerationConfig, ModelConfig, to_typed
-from finetune.generation import generate_text
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.generation import generate_text
+from finetune.model.hf_weights import resolve_model_dir
+from finetune.model.tokenizer import GPTJTokenizer
 
 SEPARATOR = "-" * 80
 

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
 from finetune.config import ConfigError, parse_config  # noqa: E402
-from finetune.memory import (  # noqa: E402
+from finetune.planning.choice import model_shape, run_shape  # noqa: E402
+from finetune.planning.estimate import (  # noqa: E402
     Cluster,
     ModelShape,
     RunShape,
@@ -30,7 +31,6 @@ from finetune.memory import (  # noqa: E402
     plan_to_json,
     zero_buffers_from_ds_config,
 )
-from finetune.memory_choice import model_shape, run_shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
 from finetune.builders import torch_dtype  # noqa: E402
-from finetune.checkpoint import resolve_model_dir  # noqa: E402
 from finetune.cli import run_cli  # noqa: E402
 from finetune.config import ConfigError, DataConfig, GenerationConfig, TaskConfig, to_typed  # noqa: E402
-from finetune.predict import check_columns, load_model_for_inference, make_predictor, predict_file, read_input  # noqa: E402
-from finetune.tokenizer import GPTJTokenizer  # noqa: E402
+from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
+from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
+from finetune.tools.predict import check_columns, load_model_for_inference, make_predictor, predict_file, read_input  # noqa: E402
 from launch.generate import pick_device  # noqa: E402  (the device rule of every launch tool)
 
 

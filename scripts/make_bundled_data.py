@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 SIZES = {"train": 1000, "validation": 100}
 SEEDS = {"train": 1, "validation": 2}

@@ -15,7 +15,7 @@ from finetune.data.errors import DataError
 from finetune.data.qa import load_qa
 from finetune.data.qa_postprocess import postprocess_qa_predictions, qa_references
 from finetune.data.task_data import MODEL_INPUT_COLUMNS, TaskData
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 _LOADERS = {"clm": load_clm, "cls": load_cls, "qa": load_qa}
 

@@ -29,7 +29,7 @@ from finetune.data.errors import DataError
 from finetune.data.pipeline import MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, require_columns
 from finetune.data.task_data import TaskData
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 IGNORE_INDEX = -100
 FEATURES = datasets.Features({"input_ids": TOKENS, "attention_mask": MASK, "labels": TOKENS})

@@ -26,7 +26,7 @@ from finetune.data.errors import DataError
 from finetune.data.pipeline import MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, require_columns
 from finetune.data.task_data import TaskData
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 _PROBLEM_TYPES = {"single_label": SINGLE, "multi_label": MULTI, "regression": REGRESSION, SINGLE: SINGLE,

@@ -25,7 +25,7 @@ from datasets.fingerprint import Hasher
 from finetune.config import DataConfig
 from finetune.data.bad_rows import BadRow, Located, check_policy, handle_bad_rows
 from finetune.data.sources import RawSplit
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 MAP_BATCH_SIZE = 1000
 # Output column types, given to map so Arrow need not infer them (slow on long int lists); ids fit in int32.
@@ -40,7 +40,7 @@ RowCheck = Callable[..., list[Optional[BadRow]]]
 def _code_version() -> str:
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")) + [package.parent / "tokenizer.py"]:
+    for path in sorted(package.glob("*.py")) + [package.parent / "model" / "tokenizer.py"]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

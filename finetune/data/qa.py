@@ -30,7 +30,7 @@ from finetune.data.errors import DataError
 from finetune.data.pipeline import CODE_VERSION, MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, read_files, require_columns
 from finetune.data.task_data import TaskData
-from finetune.tokenizer import GPTJTokenizer, trim_offsets
+from finetune.model.tokenizer import GPTJTokenizer, trim_offsets
 
 _ANSWERS = datasets.Features(
     {"text": datasets.List(datasets.Value("string")), "answer_start": datasets.List(datasets.Value("int64"))}

@@ -1,6 +1,6 @@
 """GPT-J backbone and heads (no training code here)."""
-from .gptj import PRESETS, GPTJConfig, GPTJModel, KVCache, ModelConfigError
-from .heads import (
+from finetune.model.gptj import PRESETS, GPTJConfig, GPTJModel, KVCache, ModelConfigError
+from finetune.model.heads import (
     ARCHITECTURES,
     HEADS,
     CausalLMOutput,

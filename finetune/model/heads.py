@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gptj import GPTJConfig, GPTJModel, KVCache, init_module_weights
+from finetune.model.gptj import GPTJConfig, GPTJModel, KVCache, init_module_weights
 
 
 # NamedTuples rather than dataclasses: DeepSpeed's ZeRO-3 hooks walk tuples to find the output tensors

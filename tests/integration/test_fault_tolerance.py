@@ -1,4 +1,4 @@
-"""Faults injected into real 2-rank runs (finetune/faults.py), each relaunched in the same run dir:
+"""Faults injected into real 2-rank runs (finetune/training/faults.py), each relaunched in the same run dir:
 
 1. the uninterrupted reference run;
 2. rank 0 killed (-9) while saving the step-4 checkpoint, before the commit -> the job exits non-zero;

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpoint import save_pretrained
 from finetune.config import GenerationConfig
-from finetune.generation import generate_text
 from finetune.model import GPTJConfig, build_model
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.generation import generate_text
+from finetune.model.hf_weights import save_pretrained
+from finetune.model.tokenizer import GPTJTokenizer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "generate.py"
 # The example of GPT-J's model card.

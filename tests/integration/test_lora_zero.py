@@ -44,8 +44,8 @@ def worker(out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from finetune.distributed import init_distributed
-    from finetune.lora import LoraConfig, apply_lora, save_adapter
     from finetune.model import GPTJConfig, build_model
+    from finetune.training.lora import LoraConfig, apply_lora, save_adapter
 
     init_distributed()  # its atexit teardown keeps gloo from aborting the exit
     rank = torch.distributed.get_rank()

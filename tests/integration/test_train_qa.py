@@ -99,7 +99,7 @@ def test_zero3_partitions_parameters_and_optimizer_states(zero3):
 
 def test_final_loads_in_transformers_with_equal_logits(zero3):
     transformers = pytest.importorskip("transformers")
-    from finetune.checkpoint import load_pretrained
+    from finetune.model.hf_weights import load_pretrained
 
     final = zero3.run_dir / "final"
     ours = load_pretrained(final, task="qa", dtype=torch.float32).eval()

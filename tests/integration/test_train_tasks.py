@@ -60,7 +60,7 @@ def test_clm_zero3_lora_loss_falls_and_exports(clm_zero3_lora):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from finetune.checkpoint import load_pretrained
+    from finetune.model.hf_weights import load_pretrained
 
     losses = clm_zero3_lora.train_losses()
     n = CLM_LORA_STEPS

@@ -20,8 +20,8 @@ WORLD = 2
 def test_zero3_ranks_load_their_partitions_bit_exact(tmp_path, run_ranks):
     import torch
 
-    from finetune.checkpoint import save_pretrained
     from finetune.model import GPTJConfig, build_model
+    from finetune.model.hf_weights import save_pretrained
 
     config = GPTJConfig(**TINY)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def rank_main(work: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    import finetune.checkpoint as checkpoint
+    import finetune.model.hf_weights as checkpoint
     from finetune.distributed import init_distributed
     from finetune.model import GPTJConfig, build_model
 

@@ -3,7 +3,6 @@ import json
 import re
 
 import pytest
-
 from slurm_helpers import STEPS, FinishedRun, read_metrics, tail
 
 pytestmark = pytest.mark.slurm

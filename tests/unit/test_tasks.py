@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from finetune.config import ConfigError, DataConfig
 from finetune.data import TaskData
+from finetune.model.tokenizer import GPTJTokenizer
 from finetune.tasks import TASKS, get_task
-from finetune.tokenizer import GPTJTokenizer
 
 
 def test_registry_and_unknown_task():

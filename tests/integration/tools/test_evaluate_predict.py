@@ -69,9 +69,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_predict_writes_one_row_per_input_and_resumes(qa_run, datasets_cache, tmp_path):
+    from finetune.config import DataConfig
     from finetune.data import qa_references
     from finetune.data.qa import read_qa_files
-    from finetune.config import DataConfig
     from finetune.metrics import squad_metrics
 
     output = tmp_path / "answers.jsonl"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import CheckpointError, load_pretrained
-from finetune.export import export_checkpoint
+from finetune.model.hf_weights import CheckpointError, load_pretrained
+from finetune.tools.export import export_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[3] / "launch" / "export.py"
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 8}  # the `tiny` preset
@@ -42,12 +42,12 @@ def hydra_yaml(task: str, *, model_path=None, lora=False) -> str:
 def worker(root: Path) -> None:
     import deepspeed
 
-    from finetune.checkpoint import save_pretrained
     from finetune.config import LoraConfig
     from finetune.distributed import init_distributed
-    from finetune.lora import apply_lora, merged_state_dict, save_adapter
     from finetune.model import GPTJConfig, build_model
-    from finetune.tokenizer import GPTJTokenizer
+    from finetune.model.hf_weights import save_pretrained
+    from finetune.model.tokenizer import GPTJTokenizer
+    from finetune.training.lora import apply_lora, merged_state_dict, save_adapter
 
     init_distributed()  # its atexit teardown keeps gloo from aborting the exit
     rank = torch.distributed.get_rank()
@@ -55,8 +55,8 @@ def worker(root: Path) -> None:
     lora_cfg = LoraConfig(enabled=True, **LORA)
 
     def build(stage, config, task, *, base_dir=None):
-        from finetune.checkpoint import load_state_into
         from finetune.model.gptj import init_module_weights
+        from finetune.model.hf_weights import load_state_into
 
         torch.manual_seed(0)
         ds = ds_config(stage)

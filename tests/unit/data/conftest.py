@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from finetune.config import DataConfig
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 datasets.disable_progress_bars()
 

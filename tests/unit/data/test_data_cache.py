@@ -9,7 +9,7 @@ import pytest
 
 import finetune.data.clm as clm
 from finetune.data import DataError, load_task_data
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.tokenizer import GPTJTokenizer
 
 DOCS = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog {i} times."} for i in range(40)]
 
@@ -58,7 +58,7 @@ def test_another_process_computes_the_same_fingerprint_and_reads_the_cache(tmp_p
         import datasets, finetune.data.clm as clm
         from finetune.config import DataConfig
         from finetune.data import load_task_data
-        from finetune.tokenizer import GPTJTokenizer
+        from finetune.model.tokenizer import GPTJTokenizer
         datasets.disable_progress_bars()
         def must_not_run(*args, **kwargs):
             raise AssertionError("recomputed")

@@ -8,8 +8,8 @@ import transformers
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError
-from finetune.lora import LoraConfig, apply_lora, merge_lora, merged_state_dict, save_adapter
 from finetune.model import GPTJConfig, build_model
+from finetune.training.lora import LoraConfig, apply_lora, merge_lora, merged_state_dict, save_adapter
 
 TINY = dict(
     vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, num_labels=3, pad_token_id=999

@@ -11,7 +11,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from finetune.checkpoint import (
+from finetune.model import GPTJConfig, build_model
+from finetune.model.hf_weights import (
     CheckpointError,
     load_pretrained,
     load_state_into,
@@ -19,7 +20,6 @@ from finetune.checkpoint import (
     resolve_model_dir,
     save_pretrained,
 )
-from finetune.model import GPTJConfig, build_model
 
 TINY = dict(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=999)
 HF_CLASSES = {
@@ -170,7 +170,7 @@ def test_fp16_checkpoint_loads_in_requested_dtype(tmp_path, dtype):
 def test_causal_lm_checkpoint_into_classifier_gets_fresh_head(tmp_path, caplog):
     hf = hf_model("clm")
     save_hf(hf, tmp_path, "safetensors")
-    with caplog.at_level(logging.INFO, logger="finetune.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="finetune.model.hf_weights"):
         ours = load_pretrained(tmp_path, task="cls", dtype=torch.float32, config_overrides={"id2label": LABELS})
     fresh = [r.getMessage() for r in caplog.records if "score.weight" in r.getMessage()]
     unused = [r.getMessage() for r in caplog.records if "lm_head.weight" in r.getMessage()]
@@ -186,7 +186,7 @@ def test_causal_lm_checkpoint_into_classifier_gets_fresh_head(tmp_path, caplog):
 def test_classifier_with_new_label_count_reinitializes_only_the_head(tmp_path, caplog):
     ours = our_model("cls")
     save_pretrained(ours, tmp_path, config=ours.config, task="cls", overwrite=True)
-    with caplog.at_level(logging.WARNING, logger="finetune.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="finetune.model.hf_weights"):
         back = load_pretrained(tmp_path, task="cls", dtype=torch.float32, config_overrides={"num_labels": 5})
     assert back.score.weight.shape == (5, TINY["n_embd"]) and back.config.id2label is None
     assert "score.weight" in caplog.text
@@ -295,7 +295,7 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
 # --- low memory -----------------------------------------------------------------------------------
 LOW_MEMORY_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from finetune.checkpoint import load_pretrained
+    from finetune.model.hf_weights import load_pretrained
     from finetune.model import GPTJConfig, build_model
 
     def status_bytes(field):

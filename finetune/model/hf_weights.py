@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .model import HEADS, GPTJConfig, GPTJPreTrainedModel, ModelConfigError, build_model
-from .model.gptj import init_module_weights
+from finetune.model import HEADS, GPTJConfig, GPTJPreTrainedModel, ModelConfigError, build_model
+from finetune.model.gptj import init_module_weights
 
 logger = logging.getLogger(__name__)
 

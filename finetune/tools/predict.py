@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Optional
 import datasets
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, resolve_model_dir
-from .config import ConfigError, DataConfig, GenerationConfig
-from .model import GPTJPreTrainedModel
-from .tokenizer import GPTJTokenizer
+from finetune.config import ConfigError, DataConfig, GenerationConfig
+from finetune.model import GPTJPreTrainedModel
+from finetune.model.hf_weights import CheckpointError, load_pretrained, resolve_model_dir
+from finetune.model.tokenizer import GPTJTokenizer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEAD_NAMES = {"clm": "lm_head", "cls": "score", "qa": "qa_outputs"}
@@ -96,7 +96,7 @@ def load_model_for_inference(
 
 # --- predicting -------------------------------------------------------------------------------------------
 def _model_inputs(features: dict[str, list], tokenizer: GPTJTokenizer, device: torch.device) -> dict[str, torch.Tensor]:
-    from .data import DataCollator
+    from finetune.data import DataCollator
 
     rows = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(features["input_ids"], features["attention_mask"])]
     return {k: v.to(device) for k, v in DataCollator(tokenizer.pad_token_id)(rows).items()}
@@ -141,7 +141,7 @@ def make_predictor(
 
 
 def _clm_predictor(model, tokenizer, cfg: DataConfig, generation: GenerationConfig) -> Predictor:
-    from .generation import generate_text
+    from finetune.model.generation import generate_text
 
     def predict(rows: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
         completions = generate_text(model, tokenizer, [clm_prompt(row, cfg) for row in rows], generation)
@@ -151,7 +151,7 @@ def _clm_predictor(model, tokenizer, cfg: DataConfig, generation: GenerationConf
 
 
 def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predictor:
-    from .data.cls import MULTI, REGRESSION, SINGLE, ClsParams, LabelSpec, build_cls_features, check_cls_rows
+    from finetune.data.cls import MULTI, REGRESSION, SINGLE, ClsParams, LabelSpec, build_cls_features, check_cls_rows
 
     config = model.config
     problem = config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE)
@@ -183,8 +183,8 @@ def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predic
 
 
 def _qa_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predictor:
-    from .data import postprocess_qa_predictions
-    from .data.qa import build_qa_features, check_qa_rows, qa_params
+    from finetune.data import postprocess_qa_predictions
+    from finetune.data.qa import build_qa_features, check_qa_rows, qa_params
 
     # Prediction rows carry no gold answers, so the no-answer slot is always allowed while building features.
     params = dataclasses.replace(qa_params(cfg, keep_eval_columns=True), allow_no_answer=True)
@@ -246,9 +246,9 @@ def answer_score(answer: str, context: str, windows: Iterable[tuple[list, Any, A
 # --- input and resumable output ------------------------------------------------------------------------
 def read_input(path: str | Path, *, task: str, cfg: DataConfig) -> datasets.Dataset:
     """The rows of `path` (jsonl/json, csv, parquet, txt; SQuAD JSON for qa), read as training reads data files."""
-    from .data.errors import DataError
-    from .data.qa import read_qa_files
-    from .data.sources import FORMAT_BY_EXTENSION, read_files
+    from finetune.data.errors import DataError
+    from finetune.data.qa import read_qa_files
+    from finetune.data.sources import FORMAT_BY_EXTENSION, read_files
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -1,11 +1,11 @@
-"""finetune.sweep: ranking a multirun's points by the task metric and writing summary.json / summary.md."""
+"""finetune.tools.sweep: ranking a multirun's points by the task metric and writing summary.json / summary.md."""
 import json
 
 import pytest
 import yaml
 
-from finetune.sweep import SweepSummaryError, main, summarize
 from finetune.tasks import get_task
+from finetune.tools.sweep import SweepSummaryError, main, summarize
 
 
 def make_point(sweep_dir, name, overrides, results, task="qa"):

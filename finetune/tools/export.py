@@ -26,10 +26,10 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, read_config, resolve_model_dir, save_pretrained
-from .config import ConfigError, LoraConfig, ModelConfig, to_typed
-from .model import ARCHITECTURES, HEADS, GPTJConfig, build_model
-from .tokenizer import GPTJTokenizer
+from finetune.config import ConfigError, LoraConfig, ModelConfig, to_typed
+from finetune.model import ARCHITECTURES, HEADS, GPTJConfig, build_model
+from finetune.model.hf_weights import CheckpointError, load_pretrained, read_config, resolve_model_dir, save_pretrained
+from finetune.model.tokenizer import GPTJTokenizer
 
 LATEST = "latest"
 ARCHITECTURE_TASKS = {ARCHITECTURES[cls]: task for task, cls in HEADS.items()}  # config.json architectures -> task
@@ -236,9 +236,9 @@ def describe_run(
 
 def _config_from_hydra(hydra: Any, *, model_path: Optional[str]) -> GPTJConfig:
     """The runner's model config for the run's composed config (classification reads its data for the labels)."""
-    from .config import parse_config
-    from .runner import model_config
-    from .tasks import get_task
+    from finetune.config import parse_config
+    from finetune.runner import model_config
+    from finetune.tasks import get_task
 
     run = parse_config(hydra)
     if model_path is not None:
@@ -260,14 +260,14 @@ def _config_from_hydra(hydra: Any, *, model_path: Optional[str]) -> GPTJConfig:
 
 # --- export -----------------------------------------------------------------------------------------
 def is_lora_state(state: dict[str, Any]) -> bool:
-    from .lora import PEFT_PREFIX
+    from finetune.training.lora import PEFT_PREFIX
 
     return any(key.startswith(PEFT_PREFIX) for key in state)
 
 
 def _peft_skeleton(config: GPTJConfig, task: str, lora: LoraConfig):
     """The PeftModel the run trained, on the meta device: its parameter names, and the writer of adapter files."""
-    from .lora import apply_lora
+    from finetune.training.lora import apply_lora
 
     with torch.device("meta"):
         return apply_lora(build_model(config, task=task, device="meta"), lora)
@@ -286,7 +286,7 @@ def _fill_base_weights(state: dict[str, Any], run: RunDescription, *, base_model
             f"{missing[0]}), so merged weights need the base model: pass base_model=DIR, the Hugging Face checkpoint "
             "the run fine-tuned (its model.path). Or export the adapter alone with merge_lora=false."
         )
-    from .lora import apply_lora
+    from finetune.training.lora import apply_lora
 
     model = apply_lora(load_pretrained(base, task=run.task, dtype=torch.float32, config_overrides=_head_overrides(run.config)),
                        run.lora)
@@ -318,7 +318,7 @@ def export_checkpoint(
     gives merged full weights (`merge_lora`), or the adapter alone (peft files + tokenizer, as final/ holds it).
     `base_model` supplies base weights a LoRA checkpoint was saved without.
     """
-    from .builders import torch_dtype
+    from finetune.builders import torch_dtype
 
     if dtype is not None:
         torch_dtype(dtype, key="dtype")  # a typo fails before any reading
@@ -339,7 +339,7 @@ def export_checkpoint(
         )
     if not merge_lora:
         return _export_adapter(state, out_dir, run=run, tokenizer=tokenizer, dtype=target_dtype, overwrite=overwrite)
-    from .lora import merged_state_dict
+    from finetune.training.lora import merged_state_dict
 
     _fill_base_weights(state, run, base_model=base_model)
     merged = merged_state_dict(state, run.lora)
@@ -351,7 +351,7 @@ def export_checkpoint(
 def _export_adapter(state: dict[str, Any], out_dir: str | Path, *, run: RunDescription, tokenizer: GPTJTokenizer,
                     dtype: torch.dtype, overwrite: bool) -> Path:
     """peft's adapter files (LoRA A/B and the trained head) + tokenizer, published by one rename."""
-    from .lora import save_adapter
+    from finetune.training.lora import save_adapter
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

@@ -86,7 +86,7 @@ class RunShape:
     activation_checkpointing: bool = True
     lora_rank: Optional[int] = None  # None: full fine-tuning
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    # Under LoRA, also train the task head in full, as finetune.lora does (peft's modules_to_save
+    # Under LoRA, also train the task head in full, as finetune.training.lora does (peft's modules_to_save
     # keeps the frozen original and a trainable copy).
     lora_train_head: bool = True
     lora_dropout: float = 0.05  # > 0: each target keeps its dropped-out input and the mask for backward

@@ -8,10 +8,17 @@ import pytest
 from torch import nn
 
 from finetune.config import ConfigError, OptimConfig, SchedulerConfig, TrainerConfig
-from finetune.engine import build_ds_config, load_ds_json, offload_devices, param_groups, warmup_steps, zero_stage
 from finetune.model import GPTJConfig, build_model
+from finetune.training.engine import (
+    build_ds_config,
+    load_ds_json,
+    offload_devices,
+    param_groups,
+    warmup_steps,
+    zero_stage,
+)
 
-DS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[3] / "ds_configs").glob("*.json"))
 
 
 def build(base: dict, *, world_size: int = 2, total_steps: int = 100, nvme_path=None, accelerator="cuda", **sections):
@@ -191,7 +198,7 @@ def test_param_groups_skip_frozen_parameters():
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
 def test_warmup_rises_from_the_first_step_and_the_last_step_still_learns(name):
-    from finetune.engine import lr_factor
+    from finetune.training.engine import lr_factor
 
     total, warmup = 20, 4
     ds = build(load_ds_json("ds_configs/zero2.json")[0], total_steps=total,
@@ -213,7 +220,7 @@ SCHEDULE_SCRIPT = """
 import json, torch
 from finetune import distributed
 from finetune.config import OptimConfig, SchedulerConfig, TrainerConfig
-from finetune.engine import build_ds_config, initialize, load_ds_json
+from finetune.training.engine import build_ds_config, initialize, load_ds_json
 
 distributed.init_distributed()
 base, source = load_ds_json("ds_configs/zero2.json")
@@ -236,7 +243,7 @@ def test_deepspeed_applies_the_schedule_from_the_first_step():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", SCHEDULE_SCRIPT], cwd=Path(__file__).resolve().parents[2],
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE_SCRIPT], cwd=Path(__file__).resolve().parents[3],
                           env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = json.loads(proc.stdout.strip().splitlines()[-1])

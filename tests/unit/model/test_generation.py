@@ -5,9 +5,9 @@ import transformers
 from torch import nn
 
 from finetune.config import GenerationConfig
-from finetune.generation import GenerationError, generate, generate_text, left_pad, sampling_filter
 from finetune.model import GPTJConfig, GPTJForCausalLM, build_model
-from finetune.tokenizer import GPTJTokenizer
+from finetune.model.generation import GenerationError, generate, generate_text, left_pad, sampling_filter
+from finetune.model.tokenizer import GPTJTokenizer
 
 TINY = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=3, n_head=4, rotary_dim=8)
 PAD = 999  # distinct from any eos used below, so padding after eos is visible

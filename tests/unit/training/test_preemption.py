@@ -1,4 +1,4 @@
-"""finetune.preemption: signals become a flag, ranks agree on it, rank 0 asks SLURM to requeue."""
+"""finetune.training.preemption: signals become a flag, ranks agree on it, rank 0 asks SLURM to requeue."""
 import os
 import signal
 import stat
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from finetune.preemption import PreemptionHandler
+from finetune.training.preemption import PreemptionHandler
 
 
 @pytest.fixture

@@ -19,12 +19,7 @@ import torch
 from torch import nn
 
 from finetune.config import ConfigError, LoraConfig
-from finetune.model import (
-    GPTJForCausalLM,
-    GPTJForQuestionAnswering,
-    GPTJForSequenceClassification,
-    GPTJPreTrainedModel,
-)
+from finetune.model import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification, GPTJPreTrainedModel
 
 ADAPTER_NAME = "default"
 # Prefix of every key in a PeftModel's state dict (also in DeepSpeed's consolidated one).

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from finetune.tokenizer import BUNDLED_TOKENIZER, GPTJTokenizer, TokenizerMismatchError, trim_offsets
+from finetune.model.tokenizer import BUNDLED_TOKENIZER, GPTJTokenizer, TokenizerMismatchError, trim_offsets
 
 SAMPLES = [
     "Hello world",
@@ -116,7 +116,7 @@ def test_check_fits(tok):
 
 
 def test_fingerprint_is_stable_across_processes_and_tracks_changes(tok):
-    code = "from finetune.tokenizer import GPTJTokenizer; print(GPTJTokenizer.from_pretrained(None).fingerprint)"
+    code = "from finetune.model.tokenizer import GPTJTokenizer; print(GPTJTokenizer.from_pretrained(None).fingerprint)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == tok.fingerprint
     changed = GPTJTokenizer.from_pretrained(None)

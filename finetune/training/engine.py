@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from .config import ConfigError, OptimConfig, SchedulerConfig, TrainerConfig
+from finetune.config import ConfigError, OptimConfig, SchedulerConfig, TrainerConfig
 
 AUTO = "auto"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Hydra scheduler name -> DeepSpeed scheduler type.
 DS_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 

@@ -4,7 +4,7 @@ Reads `<point>/.hydra/overrides.yaml` and `<point>/eval_results.json` under a sw
 `summary.json` and `summary.md` there. Runs by itself at the end of a multirun through `SweepSummaryCallback`
 (conf/hydra/callbacks/sweep_summary.yaml), or by hand:
 
-    python -m finetune.sweep multirun/2024-05-01/12-00-00 [--metric f1] [--lower-is-better]
+    python -m finetune.tools.sweep multirun/2024-05-01/12-00-00 [--metric f1] [--lower-is-better]
 
 The ranking metric defaults to the task's main metric (`finetune.tasks`), read from the points' composed config.
 """
@@ -60,7 +60,7 @@ def collect_points(sweep_dir: Path) -> list[SweepPoint]:
 
 def task_metric(sweep_dir: Path, points: Sequence[SweepPoint]) -> tuple[str, bool]:
     """The task's main metric and its direction, from the first point's composed config."""
-    from .tasks import get_task
+    from finetune.tasks import get_task
 
     for point in points:
         config_file = sweep_dir / point.path / ".hydra" / "config.yaml"
@@ -72,7 +72,7 @@ def task_metric(sweep_dir: Path, points: Sequence[SweepPoint]) -> tuple[str, boo
                 return found.main_metric, found.higher_is_better
     raise SweepSummaryError(
         f"Cannot tell the task of the sweep in {sweep_dir}: no point has a .hydra/config.yaml with a `task` entry. "
-        "Name the metric to rank by: python -m finetune.sweep DIR --metric NAME [--lower-is-better]."
+        "Name the metric to rank by: python -m finetune.tools.sweep DIR --metric NAME [--lower-is-better]."
     )
 
 
@@ -176,7 +176,7 @@ class SweepSummaryCallback(Callback):  # type: ignore[misc,valid-type]
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         import logging
 
-        from .distributed import env_rank
+        from finetune.distributed import env_rank
 
         if env_rank() != 0:  # a multirun under the deepspeed launcher runs on every rank; one summary is enough
             return
@@ -190,7 +190,7 @@ class SweepSummaryCallback(Callback):  # type: ignore[misc,valid-type]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m finetune.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.tools.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="the multirun dir (hydra.sweep.dir)")
     parser.add_argument("--metric", help="metric to rank by (default: the task's main metric)")
     parser.add_argument("--lower-is-better", action="store_true", help="rank ascending (with --metric)")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from finetune.config import ConfigError
-from finetune.memory import (
-    GiB,
+from finetune.planning.estimate import (
     PINNED_SLACK,
     PRESET_SHAPES,
     Cluster,
+    GiB,
     ModelShape,
     Option,
     RunShape,
@@ -32,7 +32,7 @@ from finetune.memory import (
     zero2_gradient_partition,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GPTJ_6B = PRESET_SHAPES["gptj-6b"]
 SMALL = ModelShape(n_layer=2, n_embd=64, n_head=4, vocab_size=512)
 
@@ -238,7 +238,7 @@ def test_lora_fits_a_single_24gb_gpu_without_zero():
 
 
 def test_plan_over_a_subset_of_options_with_buffers_per_option():
-    from finetune.memory import ZeroBuffers
+    from finetune.planning.estimate import ZeroBuffers
 
     run, cluster = RunShape(micro_batch_size=1, seq_len=512), Cluster(gpus_per_node=8, gpu_memory_gb=80)
     zero3, offload = Option(stage=3), Option(stage=3, offload_optimizer="cpu", offload_params="cpu")

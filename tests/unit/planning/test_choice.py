@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from finetune.config import ConfigError, parse_config
-from finetune.memory import GiB, LORA_TARGETS, PRESET_SHAPES, SPEED_ORDER, Cluster, Option, RunShape
-from finetune.memory_choice import (
+from finetune.model import PRESETS, GPTJConfig
+from finetune.planning.choice import (
     AUTO_CONFIGS,
     AUTO_MARGIN,
     RankResources,
@@ -24,9 +24,9 @@ from finetune.memory_choice import (
     run_shape,
     shape_of,
 )
-from finetune.model import PRESETS, GPTJConfig
+from finetune.planning.estimate import LORA_TARGETS, PRESET_SHAPES, SPEED_ORDER, Cluster, GiB, Option, RunShape
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GPTJ_QA = shape_of(GPTJConfig.preset("gptj-6b"), task="qa")
 BF16_RUN = RunShape(micro_batch_size=4, seq_len=2048, precision="bf16", activation_checkpointing=True)
 EIGHT_80GB = Cluster(gpus_per_node=8, gpu_memory_gb=80, cpu_memory_gb=1000)

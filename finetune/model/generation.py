@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .config import GenerationConfig
-from .tokenizer import GPTJTokenizer
+from finetune.config import GenerationConfig
+from finetune.model.tokenizer import GPTJTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when no length is given
 

@@ -1,4 +1,4 @@
-"""finetune.predict on tiny random models: per-task predictions, the resumable writer, adapter loading, bad input."""
+"""finetune.tools.predict on tiny random models: per-task predictions, the resumable writer, adapter loading, bad input."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,12 @@ import datasets
 import pytest
 import torch
 
-from finetune.checkpoint import CheckpointError, save_pretrained
 from finetune.config import DataConfig, GenerationConfig, LoraConfig
-from finetune.generation import generate_text
 from finetune.model import GPTJConfig, build_model
-from finetune.predict import (
+from finetune.model.generation import generate_text
+from finetune.model.hf_weights import CheckpointError, save_pretrained
+from finetune.model.tokenizer import GPTJTokenizer
+from finetune.tools.predict import (
     PredictionInputError,
     answer_score,
     check_columns,
@@ -21,7 +22,6 @@ from finetune.predict import (
     predict_file,
     read_input,
 )
-from finetune.tokenizer import GPTJTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_input_errors_name_the_file_and_the_fix(tmp_path):
 def test_adapter_dir_loads_merged_onto_its_base(tmp_path):
     import peft
 
-    from finetune.lora import apply_lora, save_adapter
+    from finetune.training.lora import apply_lora, save_adapter
 
     config = GPTJConfig.preset("tiny", vocab_size=512, pad_token_id=50256)
     torch.manual_seed(0)

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
-from .config import ConfigError, DeepSpeedSection, ModelConfig, RunConfig
-from .memory import (
-    GiB,
+from finetune.config import ConfigError, DeepSpeedSection, ModelConfig, RunConfig
+from finetune.planning.estimate import (
     LORA_TARGETS,
     PRESET_SHAPES,
     SPEED_ORDER,
     Cluster,
     Estimate,
+    GiB,
     ModelShape,
     Option,
     Plan,
@@ -41,7 +41,7 @@ from .memory import (
     zero_buffers_from_ds_config,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The configs `deepspeed=auto` chooses from: its conf/deepspeed group name -> the shipped JSON. The option each
 # stands for is read from the JSON itself (`option_of`), so the mapping cannot drift from the files.
 AUTO_CONFIGS: dict[str, str] = {
@@ -212,7 +212,7 @@ def cluster_from_ranks(
 
 def detect_cluster(section: DeepSpeedSection) -> tuple[Cluster, str]:
     """The launched cluster (a collective: every rank must call it); see `cluster_from_ranks`."""
-    from .distributed import all_gather_objects
+    from finetune.distributed import all_gather_objects
 
     ranks = all_gather_objects(local_resources(nvme_path=section.nvme_path))
     return cluster_from_ranks(ranks, device_memory_gb=section.device_memory_gb, cpu_memory_gb=section.cpu_memory_gb)

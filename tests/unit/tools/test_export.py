@@ -1,4 +1,4 @@
-"""finetune.export without launching DeepSpeed: locating checkpoints, lazy tensors, a stage-0 export end to end."""
+"""finetune.tools.export without launching DeepSpeed: locating checkpoints, lazy tensors, a stage-0 export end to end."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from finetune.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from finetune.config import ConfigError
-from finetune.export import _LazyTensor, export_checkpoint, locate_checkpoint
 from finetune.model import GPTJConfig, build_model
+from finetune.model.hf_weights import CheckpointError, load_pretrained, save_pretrained
+from finetune.tools.export import _LazyTensor, export_checkpoint, locate_checkpoint
 
 TINY = GPTJConfig.preset("tiny", vocab_size=512, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from finetune import faults
+from finetune.training import faults
 
 
 def test_points_match_their_step_and_rank(monkeypatch):
@@ -32,7 +32,7 @@ def test_a_typo_is_an_error_not_a_silent_no_op(monkeypatch, spec):
 
 
 def test_kill_is_a_sigkill():
-    code = "from finetune import faults; faults.kill_if_active('kill_in_step', step=2, rank=0); print('survived')"
+    code = "from finetune.training import faults; faults.kill_if_active('kill_in_step', step=2, rank=0); print('survived')"
     proc = subprocess.run([sys.executable, "-c", code], env={"FINETUNE_FAULT": "kill_in_step@2", "PATH": ""},
                           capture_output=True, text=True)
     assert proc.returncode == -9 and "survived" not in proc.stdout

@@ -21,7 +21,7 @@ NUM_EXTRA_TOKENS = 143
 GPT2_VOCAB_SIZE = 50257
 GPTJ_VOCAB_SIZE = GPT2_VOCAB_SIZE + NUM_EXTRA_TOKENS  # 50400, the rows of GPT-J's embedding
 MODEL_MAX_LENGTH = 2048
-BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "gpt2-tokenizer.json"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "gpt2-tokenizer.json"
 
 PathLike = Union[str, os.PathLike]
 

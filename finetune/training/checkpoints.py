@@ -1,0 +1,210 @@
+"""Training checkpoints: DeepSpeed's engine state plus the loop's, committed atomically, pruned, resumed.
+
+A checkpoint counts only once committed (every rank's files written, then a completion marker), so a run killed
+while saving resumes from the previous one. (Hugging Face-format weights, for loading and export, are
+finetune.model.hf_weights.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import ConfigError
+from finetune.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, rng_state, set_rng_state
+from finetune.training import faults
+from finetune.training.data_order import DataPosition
+from finetune.training.errors import DiskSpaceError
+
+CHECKPOINT_TAG = re.compile(r"^global_step(\d+)$")
+
+
+COMPLETE_MARKER = "complete.json"  # in a tag dir: written last, it makes the checkpoint count
+LATEST = "latest"  # DeepSpeed's pointer to the newest checkpoint (read by its tools and by launch/export.py)
+SIZE_MARGIN = 1.1  # checkpoints of one run barely vary in size; the margin covers the estimate of the first one
+
+
+class Checkpointer:
+    """DeepSpeed checkpoints in run_dir/checkpoints/global_step<N>, with the loop state in client_state.
+
+    A save is committed only once every rank's files are written: DeepSpeed writes the shards (without touching
+    `latest`), the ranks meet at a barrier, then rank 0 writes the tag's completion marker (the list of its files
+    and their sizes) and `latest`, each atomically (temp file + os.replace). A tag without the marker is what an
+    interrupted save left: resuming ignores it, rank 0 removes it, and the newest complete checkpoint is loaded.
+    Pruning to `keep_last` counts complete checkpoints only and runs after a commit, so it never deletes the
+    only complete one, nor the one `latest` names.
+    """
+
+    def __init__(self, directory: Path, *, info: DistInfo, keep_last: int):
+        self.directory, self.info, self.keep_last = Path(directory), info, keep_last
+        self.last_complete: Optional[Path] = None  # the checkpoint a relaunch would resume from (for messages)
+
+    # --- saving ---------------------------------------------------------------------------------------
+    def save(self, engine, position: DataPosition) -> None:
+        """Write and commit the checkpoint of the engine's current step (a collective: every rank calls it).
+
+        Raises DiskSpaceError, before anything is written, when the file system lacks room for it."""
+        step = engine.global_steps
+        tag = f"global_step{step}"
+        self._check_free_space(engine, tag)
+        rng = all_gather_objects(rng_state())  # DeepSpeed writes client_state from rank 0 only
+        client_state = {"position": asdict(position), "rng": rng, "world_size": self.info.world_size}
+        leftover = self.directory / tag
+        if self.info.is_main and leftover.is_dir() and not (leftover / COMPLETE_MARKER).exists():
+            shutil.rmtree(leftover)  # an interrupted save of this same step: start it clean
+        barrier()
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+        faults.kill_if_active("kill_in_save", step=step, rank=self.info.rank)
+        barrier()  # every rank's files are on disk: commit
+        if self.info.is_main:
+            _commit(self.directory / tag, step=step, world_size=self.info.world_size)
+            _write_atomically(self.directory / LATEST, tag)
+            self._prune()
+        self.last_complete = self.directory / tag
+        barrier()
+
+    def _check_free_space(self, engine, tag: str) -> None:
+        """Rank 0 compares the expected size with the free space; every rank raises the same error."""
+        problem = None
+        if self.info.is_main:
+            needed, basis = self._expected_size(engine)
+            where = next(p for p in (self.directory, *self.directory.parents) if p.exists())
+            free = shutil.disk_usage(where).free
+            if needed > free:
+                problem = (
+                    f"Not enough disk space for checkpoint {tag}: it needs about {needed / 2**30:.2f} GiB ({basis}) "
+                    f"but the file system of {where} has {free / 2**30:.2f} GiB free. Nothing of it was written; "
+                    f"the last complete checkpoint is {self.describe_last_complete()}. Free some space, lower "
+                    f"trainer.keep_last (now {self.keep_last}; an old checkpoint is deleted only after a new one is "
+                    "complete, so one extra checkpoint must fit), or move the run dir to a larger disk; then "
+                    "relaunch with the same hydra.run.dir to resume."
+                )
+        problem = broadcast_object(problem)
+        if problem:
+            raise DiskSpaceError(problem)
+
+    def _expected_size(self, engine) -> tuple[int, str]:
+        complete = self._complete_tags()
+        if complete:
+            size = sum(f.stat().st_size for f in complete[-1].rglob("*") if f.is_file())
+            return int(size * SIZE_MARGIN), f"the size of {complete[-1].name}"
+        params = list(engine.module.parameters())
+        numel = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3 partitions keep their full size here
+        weights = sum(n * p.element_size() for n, p in zip(numel, params))
+        trainable = sum(n for n, p in zip(numel, params) if p.requires_grad)
+        # weights + an fp32 master copy and Adam's two fp32 moments per trainable parameter
+        return int((weights + 12 * trainable) * SIZE_MARGIN), f"estimated from {sum(numel):,} parameters"
+
+    def _prune(self) -> None:
+        complete = self._complete_tags()
+        keep = set(complete[-self.keep_last:])
+        latest = self._latest_tag()
+        if latest is not None:
+            keep.add(self.directory / latest)
+        for path in self._tag_dirs():
+            if path not in keep:  # older complete ones, and leftovers of interrupted saves
+                shutil.rmtree(path, ignore_errors=True)
+
+    # --- resuming -------------------------------------------------------------------------------------
+    def resume(self, engine) -> Optional[DataPosition]:
+        """Load the newest complete checkpoint into `engine` and return its data position; None when there is
+        none (a fresh run). A collective: rank 0 chooses (and removes leftovers of interrupted saves), every
+        rank loads that same tag."""
+        tag = broadcast_object(self._choose_and_clean() if self.info.is_main else None)
+        if tag is None:
+            return None
+        path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+        if path is None or client_state is None:
+            raise ConfigError(
+                f"{self.directory / tag} is marked complete but DeepSpeed could not load it; delete it to resume "
+                "from an older checkpoint, delete the directory to start over, or point hydra.run.dir at another run."
+            )
+        if client_state["world_size"] != self.info.world_size:
+            raise ConfigError(
+                f"The checkpoint in {path} was written by {client_state['world_size']} ranks but this launch has "
+                f"{self.info.world_size}; relaunch with the same number of ranks to resume this run dir."
+            )
+        set_rng_state(client_state["rng"][self.info.rank])
+        self.last_complete = self.directory / tag
+        return DataPosition(**client_state["position"])
+
+    def _choose_and_clean(self) -> Optional[str]:
+        """Rank 0: the tag to resume from, after setting aside what interrupted saves left."""
+        tags = self._tag_dirs()
+        if tags and not any((p / COMPLETE_MARKER).exists() for p in tags):
+            # Written before completion markers existed: trust `latest` as DeepSpeed did, delete nothing.
+            latest = self._latest_tag()
+            return latest if latest is not None and (self.directory / latest).is_dir() else None
+        complete = self._complete_tags()
+        chosen = complete[-1] if complete else None
+        for path in tags:
+            if path == chosen:
+                continue
+            if not (path / COMPLETE_MARKER).exists():
+                if chosen is None or _step_of(path) > _step_of(chosen):
+                    _notice(f"removing {path}: its save was interrupted (no completion marker), so it is incomplete")
+                    shutil.rmtree(path, ignore_errors=True)
+            elif path not in complete:
+                _notice(f"ignoring {path}: files listed in its {COMPLETE_MARKER} are missing or have another size")
+        if chosen is None:
+            return None
+        if self._latest_tag() != chosen.name:  # a kill between the marker and `latest`, or a damaged newer tag
+            _write_atomically(self.directory / LATEST, chosen.name)
+        return chosen.name
+
+    # --- inspection -----------------------------------------------------------------------------------
+    def _tag_dirs(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        tags = [p for p in self.directory.iterdir() if p.is_dir() and CHECKPOINT_TAG.match(p.name)]
+        return sorted(tags, key=_step_of)
+
+    def _complete_tags(self) -> list[Path]:
+        """Committed checkpoints whose files are all there, oldest first."""
+        return [p for p in self._tag_dirs() if checkpoint_complete(p)]
+
+    def _latest_tag(self) -> Optional[str]:
+        latest = self.directory / LATEST
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def describe_last_complete(self) -> str:
+        """The checkpoint a relaunch would resume from, for messages."""
+        last = self.last_complete or next(iter(reversed(self._complete_tags())), None)
+        return str(last) if last is not None else "none (the run would start over)"
+
+
+def checkpoint_complete(tag_dir: Path) -> bool:
+    """Whether `tag_dir` was committed and every file its marker lists has the size it had then."""
+    try:
+        files = json.loads((tag_dir / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items())
+
+
+def _commit(tag_dir: Path, *, step: int, world_size: int) -> None:
+    files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
+    _write_atomically(tag_dir / COMPLETE_MARKER,
+                      json.dumps({"global_step": step, "world_size": world_size, "files": files}, indent=1) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old content or the new one, never a part (rename is atomic on POSIX file systems)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _step_of(tag_dir: Path) -> int:
+    return int(CHECKPOINT_TAG.match(tag_dir.name).group(1))
+
+
+def _notice(message: str) -> None:
+    print(f"Checkpoints: {message}", flush=True)

@@ -1,0 +1,265 @@
+"""The training loop, one for every task: micro batches -> DeepSpeed engine -> logs, evals, checkpoints.
+
+Faults: a step whose loss or gradients are not finite is skipped, and trainer.max_nonfinite_steps of them in a
+row stop the run; a failed collective (a rank died or hangs) ends it; checkpoints commit atomically
+(finetune.training.checkpoints).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from finetune.config import DataConfig, TrainerConfig
+from finetune.data import TaskData
+from finetune.distributed import DistInfo, all_reduce_sum
+from finetune.tasks import Task
+from finetune.training import faults
+from finetune.training.checkpoints import Checkpointer
+from finetune.training.data_order import DataPosition, train_batches
+from finetune.training.errors import NonFiniteLossError, RankFailureError
+from finetune.training.evaluation import evaluate, to_device
+
+
+@dataclass
+class LoopResult:
+    global_step: int
+    completed: bool  # False when stopped early (trainer.stop_after_steps or a stop signal)
+    eval_results: Optional[dict[str, float]]  # rank 0's last evaluation (None on other ranks)
+    preempted: bool = False  # stopped by a signal (SLURM time limit, preemption): checkpoint saved
+
+
+
+def train(
+    engine,
+    *,
+    task: Task,
+    data: TaskData,
+    data_cfg: DataConfig,
+    trainer: TrainerConfig,
+    collate: Callable,
+    info: DistInfo,
+    total_steps: int,
+    checkpointer: Checkpointer,
+    start: Optional[DataPosition],
+    log: Callable[[int, str, dict[str, float]], None],
+    progress: Optional[Any] = None,
+    mfu_of: Optional[Callable[[float], Optional[float]]] = None,
+    stop_requested: Optional[Callable[[], bool]] = None,
+) -> LoopResult:
+    """Train to `total_steps` optimizer steps (or trainer.stop_after_steps), saving with `checkpointer`.
+
+    `start`: the data position of the checkpoint the engine was resumed from (`Checkpointer.resume`), None for a
+    fresh run. `log(step, split, values)` is called on every rank (the logger writes on rank 0 only);
+    `progress` is a tqdm-like bar (rank 0); `mfu_of(tokens_per_s)` gives the MFU of a throughput (GPU only);
+    `stop_requested()` (a collective, called once per step on every rank) asks for a checkpoint and an early stop.
+
+    Raises a TrainingError (the same on every rank that sees it) when training cannot go on safely: see
+    NonFiniteLossError, DiskSpaceError, RankFailureError."""
+    try:
+        return _train(engine, task=task, data=data, data_cfg=data_cfg, trainer=trainer, collate=collate, info=info,
+                      total_steps=total_steps, checkpointer=checkpointer, start=start, log=log, progress=progress,
+                      mfu_of=mfu_of, stop_requested=stop_requested)
+    except RuntimeError as err:
+        if not _collective_failure(err, info):
+            raise
+        raise RankFailureError(
+            f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). Another rank "
+            "has most likely died (its output above says why) or stopped answering; collectives wait at most "
+            f"trainer.collective_timeout_s={trainer.collective_timeout_s:g} s for a silent rank. The last complete "
+            f"checkpoint is {checkpointer.describe_last_complete()}: relaunch with the same hydra.run.dir to resume "
+            "from it."
+        ) from err
+
+
+# gloo reports a vanished peer as a plain RuntimeError ("Connection closed by peer"); NCCL as a DistBackendError.
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
+
+
+def _collective_failure(err: RuntimeError, info: DistInfo) -> bool:
+    return info.world_size > 1 and (isinstance(err, torch.distributed.DistError)
+                                    or bool(_COLLECTIVE_FAILURE.search(str(err))))
+
+
+def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer: TrainerConfig, collate: Callable,
+           info: DistInfo, total_steps: int, checkpointer: Checkpointer, start: Optional[DataPosition],
+           log: Callable[[int, str, dict[str, float]], None], progress: Optional[Any],
+           mfu_of: Optional[Callable[[float], Optional[float]]], stop_requested: Optional[Callable[[], bool]],
+           ) -> LoopResult:
+    position = start or DataPosition()
+    stop_at = min(total_steps, trainer.stop_after_steps or total_steps)
+    eval_batch = trainer.eval_micro_batch_size or trainer.micro_batch_size
+    has_eval = data.validation is not None and len(data.validation) > 0
+    batches = train_batches(data.train, collate, info=info, micro_batch_size=trainer.micro_batch_size,
+                            seed=trainer.seed, start=position, num_workers=trainer.num_workers)
+    meter = _Meter(engine.device)
+    guard = _NonFiniteGuard(engine, trainer, info)
+    last_saved = engine.global_steps if start is not None else -1
+    last_eval: Optional[dict[str, float]] = None
+    engine.train()
+    while engine.global_steps < stop_at:
+        step = engine.global_steps + 1
+        meter.start()
+        for micro in range(trainer.grad_accum_steps):
+            position, batch = next(batches)
+            batch = to_device(batch, engine.device)
+            loss = engine(**batch).loss
+            if faults.active("nan_loss", step=step, rank=info.rank):
+                loss = loss * float("nan")
+            engine.backward(loss)
+            if micro == 0:
+                faults.kill_if_active("kill_in_step", step=step, rank=info.rank)
+            loss_value = float(loss.detach())
+            guard.add_loss(loss_value)
+            if micro == trainer.grad_accum_steps - 1:
+                lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
+                guard.before_update()
+            engine.step()
+            meter.add_micro(loss_value, batch)
+        meter.end_step()
+        clean = guard.after_update(step)
+        if step % trainer.log_every == 0 or step == stop_at:
+            values = meter.flush(lr=lr, grad_norm=engine.get_global_grad_norm(), mfu_of=mfu_of)
+            values["skipped_steps"] = float(engine.skipped_steps)
+            log(step, "train", values)
+            if progress is not None:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        if progress is not None:
+            progress.update(1)
+        guard.stop_at_limit(step, last_complete=checkpointer.describe_last_complete)
+        if has_eval and trainer.eval_every and step % trainer.eval_every == 0 and step < total_steps:
+            last_eval = evaluate(engine, task, data, data_cfg, collate, info=info, micro_batch_size=eval_batch)
+            log(step, "eval", last_eval or {})
+        if (trainer.save_every and step % trainer.save_every == 0) or step == stop_at:
+            if clean:  # a skipped step changed nothing worth a checkpoint, and may precede a stop
+                checkpointer.save(engine, position)
+                last_saved = step
+        if stop_requested is not None and step < stop_at and stop_requested():
+            if last_saved != step:
+                checkpointer.save(engine, position)
+            return LoopResult(step, completed=False, eval_results=None, preempted=True)
+    if engine.global_steps < total_steps:
+        return LoopResult(engine.global_steps, completed=False, eval_results=None)
+    if has_eval and trainer.eval_at_end:
+        last_eval = evaluate(engine, task, data, data_cfg, collate, info=info, micro_batch_size=eval_batch)
+        log(engine.global_steps, "eval", last_eval or {})
+    return LoopResult(engine.global_steps, completed=True, eval_results=last_eval)
+
+
+class _NonFiniteGuard:
+    """Skips the update of a step whose loss or gradients are not finite, and stops a run after
+    trainer.max_nonfinite_steps such steps in a row (bf16/fp32; fp16 keeps DeepSpeed's loss scaling).
+
+    DeepSpeed's ZeRO and bf16 optimizers already check the gradients and skip such a step (no update, no LR
+    step, `skipped_steps` counted, `was_step_applied()` False), agreeing over ranks. A plain torch optimizer
+    (fp32 without ZeRO) is not checked: for it the ranks agree here (one all-reduce), the optimizer's step() is
+    shadowed for that one call, and its `overflow` flag is set, which DeepSpeed's engine reads to skip the LR step
+    and count the skip as for the others.
+    """
+
+    def __init__(self, engine, trainer: TrainerConfig, info: DistInfo):
+        self.engine, self.info = engine, info
+        self.limit = trainer.max_nonfinite_steps
+        self.enabled = trainer.precision != "fp16"
+        self.own_check = self.enabled and not hasattr(engine.optimizer, "overflow")
+        self.local_bad = False
+        self.run: list[int] = []  # consecutive non-finite steps so far
+
+    def add_loss(self, loss: float) -> None:
+        self.local_bad = self.local_bad or not math.isfinite(loss)
+
+    def before_update(self) -> None:
+        """Call before the engine.step() that ends the step (the accumulation boundary)."""
+        if not self.own_check:
+            return
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        bad = self.local_bad or not all(bool(torch.isfinite(g).all()) for g in grads)
+        bad = all_reduce_sum([float(bad)], self.engine.device)[0] > 0
+        optimizer = self.engine.optimizer
+        optimizer.overflow = bad
+        if bad:
+            optimizer.step = _no_update  # an instance attribute: the class's step() is back once it is deleted
+
+    def after_update(self, step: int) -> bool:
+        """Whether the step was applied (always True under fp16, whose skips are the loss scaler's business)."""
+        self.local_bad = False
+        if self.own_check:
+            vars(self.engine.optimizer).pop("step", None)
+        if not self.enabled or self.engine.was_step_applied():
+            self.run = []
+            return True
+        self.run.append(step)
+        if self.info.is_main:
+            print(f"Step {step}: non-finite loss or gradients, update skipped ({len(self.run)} in a row, the run "
+                  f"stops at trainer.max_nonfinite_steps={self.limit})", flush=True)
+        return False
+
+    def stop_at_limit(self, step: int, *, last_complete: Callable[[], str]) -> None:
+        """Raise NonFiniteLossError once trainer.max_nonfinite_steps steps in a row were skipped."""
+        if len(self.run) >= self.limit:
+            steps = f"steps {self.run[0]}-{step}" if len(self.run) > 1 else f"step {step}"
+            raise NonFiniteLossError(
+                f"Stopped at step {step}: the loss or gradients were NaN or infinite in {len(self.run)} consecutive "
+                f"steps ({steps}; trainer.max_nonfinite_steps={self.limit}). Each was skipped, and no checkpoint "
+                f"was written after them; the last complete checkpoint is {last_complete()}. Usual causes: a "
+                "learning rate too high for this model (optim.lr, scheduler.warmup_steps), overflow in bf16 "
+                "(try trainer.precision=fp32), or broken data rows. Fix the cause, then relaunch with the same "
+                "hydra.run.dir to resume from that checkpoint."
+            )
+
+
+def _no_update(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _Meter:
+    """Loss and throughput of the steps since the last log line, summed over ranks when flushed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = self.micro_steps = self.tokens = self.samples = self.seconds = 0.0
+        self.steps = 0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def add_micro(self, loss: float, batch: dict[str, torch.Tensor]) -> None:
+        self.loss_sum += loss
+        self.micro_steps += 1
+        self.tokens += float(batch["attention_mask"].sum())
+        self.samples += batch["input_ids"].shape[0]
+
+    def end_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - self._t0
+        self.steps += 1
+
+    def flush(self, *, lr: float, grad_norm: Any, mfu_of: Optional[Callable[[float], Optional[float]]]
+              ) -> dict[str, float]:
+        loss_sum, micro, tokens, samples = all_reduce_sum(
+            [self.loss_sum, self.micro_steps, self.tokens, self.samples], self.device
+        )
+        seconds = max(self.seconds, 1e-9)
+        values = {
+            "loss": loss_sum / micro,
+            "lr": float(lr),
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": samples / seconds,
+            "step_time": seconds / self.steps,
+        }
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        if self.device.type == "cuda":
+            values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            utilization = mfu_of(values["tokens_per_s"]) if mfu_of is not None else None
+            if utilization is not None:
+                values["mfu"] = utilization
+        self.loss_sum = self.micro_steps = self.tokens = self.samples = self.seconds = 0.0
+        self.steps = 0
+        return values
