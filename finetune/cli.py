@@ -67,7 +67,10 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def hydra_app(config_name: str, *, config_path: str = "../conf") -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
+Entry = Callable[[], None]  # a script's main: reads sys.argv, as @hydra.main does
+
+
+def hydra_app(config_name: str, *, config_path: str = "../conf") -> Callable[[Callable[[Any], Any]], Entry]:
     """`@hydra.main` for the launch/ scripts, with the project's errors.
 
     Hydra's own errors (an unknown key, an unknown group option, an override it cannot parse) become one paragraph
@@ -77,7 +80,7 @@ def hydra_app(config_name: str, *, config_path: str = "../conf") -> Callable[[Ca
     """
     import hydra
 
-    def decorate(fn: Callable[[Any], Any]) -> Callable[[], None]:
+    def decorate(fn: Callable[[Any], Any]) -> Entry:
         conf_dir = (Path(inspect.getfile(fn)).resolve().parent / config_path).resolve()  # relative to the script
         task = hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(run_cli(fn))
 

@@ -213,7 +213,7 @@ def wait_for_error_reports() -> None:
     """Rank 0, after printing its error: let the ranks that compare theirs read it before this process (which
     serves the store) exits. Returns at once in a world of one, or after ERROR_AGREE_WAIT when others have none."""
     store = _default_store()
-    if store is None or env_rank() != 0:
+    if store is None or env_rank() != 0 or torch.distributed.get_world_size() == 1:
         return
     with contextlib.suppress(Exception):
         _wait_for_keys(store, [_error_key(f"seen/{rank}") for rank in range(1, torch.distributed.get_world_size())])
