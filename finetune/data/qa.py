@@ -313,7 +313,7 @@ def process_qa_split(
 
 def count_unanswerable(split: RawSplit) -> int:
     """Rows of a standardized split whose answers are empty (no text): SQuAD v2's unanswerable questions."""
-    column = split.dataset.with_format("arrow")[:].column("answers")
+    column = split.dataset.select_columns(["answers"]).with_format("arrow")[:].column("answers")
     kind = column.type
     if pa.types.is_struct(kind) and kind.get_field_index("text") >= 0 and pa.types.is_list(kind.field("text").type):
         lengths = pc.list_value_length(pc.struct_field(column, "text"))
