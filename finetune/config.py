@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -53,8 +53,10 @@ class DataConfig:
     # Rows that fail validation (null/mistyped values, bad labels or answers, unparseable lines): `error` stops
     # at load time naming file, row and reason; `skip` drops them and counts them in the metrics.
     on_bad_row: str = "error"
+    # The example id column: QA matches predictions to examples by it; predict copies it to its output.
+    id_column: str = "id"
 
-    # clm
+    # clm (text_column and truncation: cls too)
     text_column: str = "text"
     packing: bool = True
     # Instruction data: prompt/response columns (or a template over columns); loss only on the response.
@@ -74,14 +76,32 @@ class DataConfig:
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"
-    id_column: str = "id"
     question_first: bool = True
     qa_separator: str = "\n"
     doc_stride: int = 64
     max_answer_length: int = 30
     n_best: int = 20
-    version_2_with_negative: bool = False
+    # Unanswerable questions (SQuAD v2: empty answers or is_impossible). auto: on when the data has some;
+    # true: always (a question may get the answer ""); false: SQuAD v1, an unanswerable question is a bad row.
+    version_2_with_negative: Any = "auto"
     null_score_diff_threshold: float = 0.0
+
+
+# The DataConfig keys each task reads (conf/data/<task>.yaml holds exactly these, each with its default).
+DATA_KEYS_COMMON = (
+    "train_file", "validation_file", "dataset_name", "dataset_config", "format", "text_unit", "validation_fraction",
+    "split_seed", "max_seq_len", "max_train_samples", "max_eval_samples", "num_proc", "cache_dir", "on_bad_row",
+    "id_column",
+)
+DATA_KEYS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "clm": DATA_KEYS_COMMON + ("text_column", "packing", "prompt_column", "response_column", "prompt_template",
+                               "truncation"),
+    "cls": DATA_KEYS_COMMON + ("text_column", "text_pair_column", "label_column", "pair_separator", "num_labels",
+                               "problem_type", "truncation"),
+    "qa": DATA_KEYS_COMMON + ("question_column", "context_column", "answers_column", "question_first", "qa_separator",
+                              "doc_stride", "max_answer_length", "n_best", "version_2_with_negative",
+                              "null_score_diff_threshold"),
+}  # fmt: skip
 
 
 @dataclass
@@ -265,6 +285,24 @@ def parse_config(cfg: Any) -> RunConfig:
     return run
 
 
+# Sections whose keys do nothing while a switch is off: (section, the switch's key, is it on?, how to turn it on).
+_SWITCHED_SECTIONS = (
+    ("lora", "enabled", lambda run: run.lora.enabled, "LoRA is off (lora=none): add lora=lora to train adapters"),
+    ("logger", "backend", lambda run: run.logger.backend != "none",
+     "W&B logging is off (logger=none): add logger=wandb to log to Weights & Biases"),
+)
+
+
+def check_overrides_apply(run: RunConfig, overrides: Sequence[str]) -> None:
+    """Refuse command-line settings that would be silently ignored: a lora.* key while LoRA is off, a logger.* key
+    while W&B is off. `overrides` are Hydra's task overrides as written (`lora.r=16`)."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        for section, switch, is_on, fix in _SWITCHED_SECTIONS:
+            if key.startswith(f"{section}.") and key != f"{section}.{switch}" and not is_on(run):
+                raise ConfigError(f"{override} has no effect: {fix}, or drop {key}.")
+
+
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
@@ -316,6 +354,9 @@ def validate(run: RunConfig) -> None:
     _require(lg.backend in LOGGER_BACKENDS, "logger.backend", lg.backend, "use logger=wandb or logger=none.")
     _require(lg.mode in WANDB_MODES, "logger.mode", lg.mode, f"use one of {', '.join(WANDB_MODES)}.")
     _require(run.data.max_seq_len >= 8, "data.max_seq_len", run.data.max_seq_len, "use at least 8 tokens.")
+    v2 = run.data.version_2_with_negative
+    _require(isinstance(v2, bool) or v2 == "auto", "data.version_2_with_negative",
+             run.data.version_2_with_negative, "use auto (detect unanswerable questions), true or false.")
     _require(run.data.on_bad_row in BAD_ROW_POLICIES, "data.on_bad_row", run.data.on_bad_row,
              f"use one of {', '.join(BAD_ROW_POLICIES)} (error stops at the first load; skip drops and counts).")
     for key in ("device_memory_gb", "cpu_memory_gb"):

@@ -179,6 +179,69 @@ def main_process_first(info: DistInfo) -> Iterator[None]:
             wait()
 
 
+# How long a rank with an error waits for rank 0's (to tell a shared error from its own), and rank 0 for the others.
+ERROR_AGREE_WAIT = timedelta(seconds=20)
+
+
+def error_reporter(message: str) -> Optional[str]:
+    """Who prints a user-facing error that ended this rank: None (stay quiet), "" (print it) or "rank N" (print it,
+    naming this rank). Call it once, on the way out, then `wait_for_error_reports`.
+
+    A wrong config or bad data stops every rank with the same message: rank 0 prints it, once. Before the process
+    group exists (config errors) every rank parsed the same command line, so that is the rule. Afterwards the ranks
+    compare through the process group's key-value store: another rank whose message differs from rank 0's, or
+    whose rank 0 has no error, prints its own, naming itself (a file missing on one node, a rank's own shard).
+    """
+    rank, store = env_rank(), _default_store()
+    if store is None:  # before the process group: every rank read the same command line and config
+        return "" if rank == 0 else None
+    if torch.distributed.get_world_size() == 1:
+        return ""
+    try:
+        if rank == 0:
+            store.set(_error_key(0), message)
+            return ""
+        found = _wait_for_keys(store, [_error_key(0)])
+        same = found and store.get(_error_key(0)).decode() == message
+        store.set(_error_key(f"seen/{rank}"), "1")
+        return None if same else f"rank {rank}"
+    except Exception:  # noqa: BLE001 -- rank 0 is gone, taking the store with it: say it here
+        return f"rank {rank}"
+
+
+def wait_for_error_reports() -> None:
+    """Rank 0, after printing its error: let the ranks that compare theirs read it before this process (which
+    serves the store) exits. Returns at once in a world of one, or after ERROR_AGREE_WAIT when others have none."""
+    store = _default_store()
+    if store is None or env_rank() != 0 or torch.distributed.get_world_size() == 1:
+        return
+    with contextlib.suppress(Exception):
+        _wait_for_keys(store, [_error_key(f"seen/{rank}") for rank in range(1, torch.distributed.get_world_size())])
+
+
+def _error_key(name: Any) -> str:
+    return f"finetune/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restart starts afresh
+
+
+def _wait_for_keys(store: Any, keys: list[str]) -> bool:
+    """Poll (store.wait would log a c10d warning on timeout) until `keys` exist or ERROR_AGREE_WAIT passed."""
+    deadline = time.monotonic() + ERROR_AGREE_WAIT.total_seconds()
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _default_store() -> Any:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:  # no public accessor; torch's own elastic and RPC code use this one
+        return torch.distributed.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def broadcast_object(obj: Any, *, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank."""
     if not torch.distributed.is_initialized():

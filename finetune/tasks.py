@@ -111,7 +111,7 @@ class QuestionAnsweringTask(_BaseTask):
             [r[2] for r in records],
             n_best=cfg.n_best,
             max_answer_length=cfg.max_answer_length,
-            version_2_with_negative=cfg.version_2_with_negative,
+            version_2_with_negative=data.version_2_with_negative,
             null_score_diff_threshold=cfg.null_score_diff_threshold,
         )
         result = {"loss": float(np.mean([r[0] for r in records]))}

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from finetune import distributed  # noqa: E402
 from finetune.builders import torch_dtype  # noqa: E402
-from finetune.cli import run_cli  # noqa: E402
+from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError, DataConfig, TaskConfig, to_typed  # noqa: E402
 from finetune.data.sources import BUNDLED_DATA_DIR  # noqa: E402
 from finetune.model import build_model  # noqa: E402
@@ -93,8 +92,7 @@ def format_table(metrics: dict[str, float]) -> str:
                      + [f"{k:<{width}}  {v:.6g}" for k, v in metrics.items()])
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
-@run_cli
+@hydra_app("evaluate")
 def main(cfg: DictConfig) -> None:
     if cfg.model.get("path") is None:
         raise ConfigError("model.path= is required: python launch/evaluate.py task=qa model.path=DIR (a trained model).")

@@ -13,18 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
-from finetune.cli import run_cli  # noqa: E402
+from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError  # noqa: E402
 from finetune.tools.export import export_checkpoint  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="export")
-@run_cli
+@hydra_app("export")
 def main(cfg: DictConfig) -> None:
     for key in ("checkpoint", "out"):
         if not cfg.get(key):

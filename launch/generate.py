@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from finetune.builders import build_model_from_config
-from finetune.cli import quote_free_text_overrides, run_cli
-from finetune.config import ConfigError, GenerationConfig, ModelConfig, to_typed
-from finetune.model.generation import generate_text
-from finetune.model.hf_weights import resolve_model_dir
-from finetune.model.tokenizer import GPTJTokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
+
+from finetune.builders import build_model_from_config  # noqa: E402
+from finetune.cli import hydra_app, quote_free_text_overrides  # noqa: E402
+from finetune.config import ConfigError, GenerationConfig, ModelConfig, to_typed  # noqa: E402
+from finetune.model.generation import generate_text  # noqa: E402
+from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
+from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
 
 SEPARATOR = "-" * 80
 
@@ -49,8 +51,7 @@ def pick_device(name: Optional[str]) -> torch.device:
     return device
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="generate")
-@run_cli
+@hydra_app("generate")
 def main(cfg: DictConfig) -> None:
     model_cfg = to_typed(ModelConfig, cfg.model, section="model")
     generation_cfg = to_typed(GenerationConfig, cfg.generation, section="generation")

@@ -14,12 +14,12 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
-from finetune.config import ConfigError, parse_config  # noqa: E402
+from finetune.cli import hydra_app  # noqa: E402
+from finetune.config import ConfigError, RunConfig, check_overrides_apply, parse_config  # noqa: E402
 from finetune.planning.choice import model_shape, run_shape  # noqa: E402
 from finetune.planning.estimate import (  # noqa: E402
     Cluster,
@@ -43,6 +43,7 @@ class PlanInputs:
     buffers: dict[int, ZeroBuffers]
     margin: float
     format: str
+    run_config: RunConfig
 
 
 def _ds_buffers(paths: dict[int, str]) -> dict[int, ZeroBuffers]:
@@ -62,17 +63,16 @@ def plan_inputs(cfg: DictConfig) -> PlanInputs:
     if cfg.plan.format not in ("table", "json"):
         raise ConfigError(f"plan.format is {cfg.plan.format!r}; use table or json.")
     buffers = _ds_buffers(OmegaConf.to_container(cfg.plan.ds_configs))
-    return PlanInputs(shape, run_shape(run), cluster, buffers, float(cfg.plan.margin), cfg.plan.format)
+    return PlanInputs(shape, run_shape(run), cluster, buffers, float(cfg.plan.margin), cfg.plan.format, run)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="plan")
+@hydra_app("plan")
 def main(cfg: DictConfig) -> None:
-    try:
-        inputs = plan_inputs(cfg)
-        result = plan(inputs.shape, inputs.run, inputs.cluster, margin=inputs.margin, buffers=inputs.buffers)
-    except ConfigError as err:
-        print(f"Configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from hydra.core.hydra_config import HydraConfig
+
+    inputs = plan_inputs(cfg)
+    check_overrides_apply(inputs.run_config, HydraConfig.get().overrides.task)
+    result = plan(inputs.shape, inputs.run, inputs.cluster, margin=inputs.margin, buffers=inputs.buffers)
     print(json.dumps(plan_to_json(result), indent=2) if inputs.format == "json" else format_table(result))
     if result.recommended is None:
         sys.exit(1)

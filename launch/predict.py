@@ -14,14 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
 from finetune.builders import torch_dtype  # noqa: E402
-from finetune.cli import run_cli  # noqa: E402
+from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError, DataConfig, GenerationConfig, TaskConfig, to_typed  # noqa: E402
 from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
@@ -29,8 +28,7 @@ from finetune.tools.predict import check_columns, load_model_for_inference, make
 from launch.generate import pick_device  # noqa: E402  (the device rule of every launch tool)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="predict")
-@run_cli
+@hydra_app("predict")
 def main(cfg: DictConfig) -> None:
     for key in ("model.path", "input", "output"):
         if OmegaConf.select(cfg, key) is None:

@@ -13,13 +13,13 @@ import re
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
 from finetune import distributed, runner  # noqa: E402
-from finetune.cli import run_cli  # noqa: E402
+from finetune.cli import hydra_app  # noqa: E402
+from finetune.config import check_overrides_apply, parse_config  # noqa: E402
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -34,9 +34,11 @@ def quiet_hydra_off_rank0(argv: list[str]) -> list[str]:
     return argv + ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@run_cli
+@hydra_app("train")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    check_overrides_apply(parse_config(cfg), HydraConfig.get().overrides.task)
     runner.run(cfg)
 
 

@@ -11,17 +11,25 @@ No-answer position: the final `<|endoftext|>` of each feature, not position 0. I
 attends only to itself, so a null score read there could not depend on the question or the context; the last
 token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`.
 
+Unanswerable questions (SQuAD v2): empty answers, or `is_impossible: true` (nested or flat layout). With
+`data.version_2_with_negative: auto` (the default) their presence in the data turns SQuAD v2 on, with one notice:
+they train the no-answer position, evaluation may answer "" and reports HasAns/NoAns. `true` forces v2; `false`
+keeps SQuAD v1, where an unanswerable question is a bad row.
+
 Bad rows (`check_qa_rows`): a question or context that is null, not a string or empty; answers that are
-malformed or whose text is not at `answer_start` in the context; no answer without `version_2_with_negative`;
-a question too long to leave room for the context; and, in validation, a null or repeated id.
+malformed or whose text is not at `answer_start` in the context; no answer under SQuAD v1; a question too long
+to leave room for the context; and, in validation, a null or repeated id.
 """
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from finetune.config import ConfigError, DataConfig
@@ -90,6 +98,16 @@ def _looks_like_squad_json(path: str) -> bool:
         return bool(_SQUAD_JSON_START.match(handle.read(4096)))
 
 
+def _clear_impossible_answers(batch: dict[str, list], *, column: str) -> dict[str, list]:
+    answers = [(_no_answers_like(value) if impossible is True else value)
+               for value, impossible in zip(batch[column], batch["is_impossible"])]  # fmt: skip
+    return {column: answers}
+
+
+def _no_answers_like(value: Any) -> Any:
+    return {"text": [], "answer_start": []} if isinstance(value, dict) or value is None else []
+
+
 def _flatten_squad(batch: dict[str, list]) -> dict[str, list]:
     rows: dict[str, list] = {name: [] for name in FLAT_FEATURES}
     for title, paragraphs in zip(batch.get("title", [None] * len(batch["paragraphs"])), batch["paragraphs"]):
@@ -107,14 +125,19 @@ def _flatten_squad(batch: dict[str, list]) -> dict[str, list]:
 
 
 def standardize_columns(split: RawSplit, cfg: DataConfig) -> RawSplit:
-    """Keep and rename the configured columns to id, (title,) context, question, answers."""
+    """Keep and rename the configured columns to id, (title,) context, question, answers; the answers of rows
+    marked `is_impossible` (flat SQuAD v2 rows) become empty, as SQuAD's nested layout gives them."""
     wanted = {cfg.id_column: "id", cfg.context_column: "context", cfg.question_column: "question",
               cfg.answers_column: "answers"}  # fmt: skip
     require_columns(split, {cfg.id_column: "id_column", cfg.context_column: "context_column",
                             cfg.question_column: "question_column", cfg.answers_column: "answers_column"})  # fmt: skip
     if "title" in split.dataset.column_names and "title" not in wanted:
         wanted["title"] = "title"
-    dataset = split.dataset.select_columns(list(wanted))
+    dataset = split.dataset
+    if "is_impossible" in dataset.column_names:
+        dataset = dataset.map(_clear_impossible_answers, batched=True, fn_kwargs={"column": cfg.answers_column},
+                              desc=f"is_impossible {split.name}")
+    dataset = dataset.select_columns(list(wanted))
     renames = {old: new for old, new in wanted.items() if old != new}
     return replace(split, dataset=dataset.rename_columns(renames) if renames else dataset)
 
@@ -179,7 +202,8 @@ def _answers_problem(value: Any, context: str, params: QaParams) -> Optional[Bad
         return BadRow(
             "answers",
             NO_ANSWER,
-            "the question has no answer. Set data.version_2_with_negative=true to train on unanswerable questions.",
+            "the question has no answer, and data.version_2_with_negative=false treats that as a bad row (SQuAD "
+            "v1). Set data.version_2_with_negative=auto (the default) or true to train on unanswerable questions.",
         )
     return None
 
@@ -268,7 +292,7 @@ def qa_params(cfg: DataConfig, *, keep_eval_columns: bool) -> QaParams:
         doc_stride=cfg.doc_stride,
         question_first=cfg.question_first,
         qa_separator=cfg.qa_separator,
-        allow_no_answer=cfg.version_2_with_negative,
+        allow_no_answer=cfg.version_2_with_negative is True,  # "auto" is resolved by load_qa first
         keep_eval_columns=keep_eval_columns,
     )
 
@@ -287,19 +311,63 @@ def process_qa_split(
     return mapped, split, skipped
 
 
+def count_unanswerable(split: RawSplit) -> int:
+    """Rows of a standardized split whose answers are empty (no text): SQuAD v2's unanswerable questions."""
+    column = split.dataset.select_columns(["answers"]).with_format("arrow")[:].column("answers")
+    kind = column.type
+    if pa.types.is_struct(kind) and kind.get_field_index("text") >= 0 and pa.types.is_list(kind.field("text").type):
+        lengths = pc.list_value_length(pc.struct_field(column, "text"))
+    elif pa.types.is_list(kind):  # a list of {"text", "answer_start"} objects
+        lengths = pc.list_value_length(column)
+    else:  # anything else is a bad row of its own, found by the row checks
+        return 0
+    return int(pc.sum(pc.equal(pc.fill_null(lengths, 0), 0)).as_py() or 0)
+
+
+def resolve_version_2(cfg: DataConfig, splits: Sequence[Optional[RawSplit]]) -> bool:
+    """data.version_2_with_negative as a bool: `auto` is on when some question of the data has no answer."""
+    setting = cfg.version_2_with_negative
+    if setting is not True and setting is not False and setting != "auto":
+        raise ConfigError(f"data.version_2_with_negative={setting!r} is invalid: use auto, true or false.")
+    if setting != "auto":
+        return setting
+    counts = {split.name: (count_unanswerable(split), len(split.dataset)) for split in splits if split is not None}
+    if not any(unanswerable for unanswerable, _ in counts.values()):
+        return False
+    if _is_rank_zero():
+        found = " and ".join(f"{n} of {total} {name}" for name, (n, total) in counts.items())
+        print(
+            f"data.version_2_with_negative=auto: {found} questions have no answer, so this is SQuAD v2 data: "
+            'unanswerable questions are trained, the model may answer "" and evaluation reports HasAns/NoAns '
+            "metrics. Set data.version_2_with_negative=false to treat them as bad rows instead (SQuAD v1).",
+            file=sys.stderr,
+            flush=True,
+        )
+    return True
+
+
+def _is_rank_zero() -> bool:
+    from finetune.distributed import env_rank  # every rank loads the data (rank 0 first); one of them says so
+
+    return env_rank() == 0
+
+
 def load_qa(cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
     """QA features; validation keeps example_id/offset_mapping, and `validation_examples` the raw examples."""
     train, validation = load_splits(cfg, task="qa", reader=read_qa_files)
-    train_features, _, skipped = process_qa_split(standardize_columns(train, cfg), cfg, tokenizer, evaluation=False)
+    train = standardize_columns(train, cfg)
+    validation = standardize_columns(validation, cfg) if validation is not None else None
+    cfg = replace(cfg, version_2_with_negative=resolve_version_2(cfg, [train, validation]))
+    train_features, _, skipped = process_qa_split(train, cfg, tokenizer, evaluation=False)
     if validation is None:
-        return TaskData(train=train_features, validation=None, skipped_rows={"train": skipped})
-    validation_features, validation, validation_skipped = process_qa_split(
-        standardize_columns(validation, cfg), cfg, tokenizer, evaluation=True
-    )
+        return TaskData(train=train_features, validation=None, skipped_rows={"train": skipped},
+                        version_2_with_negative=cfg.version_2_with_negative)
+    validation_features, validation, validation_skipped = process_qa_split(validation, cfg, tokenizer, evaluation=True)
     return TaskData(
         train=train_features,
         validation=validation_features,
         validation_examples=validation.dataset,  # the good examples only: metrics score what was predicted
         skipped_rows={"train": skipped, "validation": validation_skipped},
+        version_2_with_negative=cfg.version_2_with_negative,
     )
 

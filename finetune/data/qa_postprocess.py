@@ -28,6 +28,8 @@ def postprocess_qa_predictions(
     an example is the lowest score of its windows' no-answer slot (each feature's last token); with
     `version_2_with_negative`, the answer is "" when null score > best span score + `null_score_diff_threshold`.
     """
+    if not isinstance(version_2_with_negative, bool):  # data.version_2_with_negative=auto is resolved by load_qa
+        raise TypeError(f"version_2_with_negative must be a bool, got {version_2_with_negative!r}.")
     if len(start_logits) != len(features) or len(end_logits) != len(features):
         raise ValueError(
             f"Got {len(start_logits)} start and {len(end_logits)} end logit rows for {len(features)} features; "

@@ -35,6 +35,8 @@ class TaskData:
     # HF names: single_label_classification | multi_label_classification | regression
     problem_type: Optional[str] = None
     skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # qa: SQuAD v2 (unanswerable questions trained, "" a possible answer), data.version_2_with_negative resolved.
+    version_2_with_negative: bool = False
 
     def skipped_row_metrics(self) -> dict[str, int]:
         """Flat metrics of `skipped_rows`: `skipped_rows_<split>` (the total) and `skipped_rows_<split>_<reason>`."""

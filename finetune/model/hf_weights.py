@@ -218,8 +218,16 @@ class _CheckpointReader:
             self._release_bin()  # the caller's reference keeps this tensor's pages alive until it copies them
         return tensor, False
 
-    def read(self, name: str, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Tensor `name` in `dtype` on `device`, owning its memory."""
+    def read(self, name: str, *, dtype: torch.dtype, device: torch.device, mapped: bool = False) -> torch.Tensor:
+        """Tensor `name` in `dtype` on `device`, owning its memory; with `mapped`, a safetensors tensor already in
+        `dtype` that stays on the CPU is returned memory-mapped from its file instead (copy-on-write)."""
+        if mapped and self.format == "safetensors" and device.type == "cpu":
+            from safetensors import safe_open
+
+            with safe_open(str(self.file_of[name]), framework="pt") as f:  # the mmap backend
+                tensor = f.get_tensor(name)
+            if tensor.dtype == dtype:
+                return tensor
         tensor, owned = self._raw(name)
         return tensor.to(device=device, dtype=dtype, copy=not owned)
 
@@ -282,11 +290,15 @@ def load_state_into(
     *,
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str | None = None,
+    mapped: bool = False,
 ) -> LoadReport:
     """Copy a checkpoint's tensors into `model`, one tensor at a time.
 
     Plain parameters (meta or materialized) are replaced by the checkpoint's tensor in `dtype`
     (None: the parameter's dtype) on `device` (None: the parameter's device; cpu for meta).
+    `mapped` (inference): safetensors tensors already in `dtype` on the CPU are memory-mapped from the file,
+    not copied, as transformers does: they become resident only as they are read (an embedding table mostly
+    never is), as clean file pages the OS can drop; a write copies the page it touches.
     ZeRO-3 partitioned parameters (built under `deepspeed.zero.Init`) receive only this rank's slice,
     in the dtype zero.Init gave them; call it before `deepspeed.initialize`, which copies the partitions
     into the optimizer's master weights. Head weights the checkpoint lacks (or has in another shape, e.g. a
@@ -334,7 +346,7 @@ def load_state_into(
         else:
             target_device = torch.device(device) if device is not None else (
                 torch.device("cpu") if param.is_meta else param.device)
-            tensor = reader.read(key_of[name], dtype=dtype or param.dtype, device=target_device)
+            tensor = reader.read(key_of[name], dtype=dtype or param.dtype, device=target_device, mapped=mapped)
             new = nn.Parameter(tensor, requires_grad=param.requires_grad)
             for module, attr in holders:
                 module._parameters[attr] = new
@@ -427,14 +439,16 @@ def load_pretrained(
 
     `model_dir` is a local directory or a hub id (see resolve_model_dir). `config_overrides` replaces
     config.json fields, e.g. {"num_labels": 3, "id2label": {...}} for a new classification head.
-    Peak host memory is about the weights' size in `dtype` plus the largest tensor.
+    Peak host memory is at most the weights' size in `dtype` plus the largest tensor: safetensors weights already
+    in `dtype`, loaded to the CPU, stay memory-mapped from the file and are read in as they are used (see
+    load_state_into's `mapped`).
     """
     model_dir = resolve_model_dir(model_dir)
     config = read_config(model_dir)
     if config_overrides:
         config = _override(config, dict(config_overrides))
     model = build_model(config, task=task, device="meta")
-    load_state_into(model, model_dir, dtype=dtype, device=device)
+    load_state_into(model, model_dir, dtype=dtype, device=device, mapped=True)
     return model.eval()
 
 

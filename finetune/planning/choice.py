@@ -289,7 +289,7 @@ def refuse_unless_fits(
     """The estimate of `ds_config` on `cluster`; a ConfigError when it does not fit (needs more than 100%).
 
     The message names what does not fit, the options that would, and the escape hatch; with `detail` it ends
-    with the whole plan's table (other ranks of a launch pass detail=False: one table in the log is enough).
+    with the whole plan's table.
     """
     own, shipped_configs = option_of(ds_config), auto_candidates()
     options = list(SPEED_ORDER) + ([own] if own not in SPEED_ORDER else [])
@@ -345,5 +345,6 @@ def check_memory(run: RunConfig, model: ModelDims, ds_config: Mapping[str, Any],
     if cluster is None:
         cluster, _ = detect_cluster(run.deepspeed)
     shape, steps = planner_inputs(run, model)
-    refuse_unless_fits(shape, steps, cluster, ds_config, source=source, detail=is_main)
+    # Every rank raises the same message, table included: the launch scripts print it once (finetune.cli).
+    refuse_unless_fits(shape, steps, cluster, ds_config, source=source)
 

@@ -205,7 +205,7 @@ def _qa_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predict
         examples = datasets.Dataset.from_dict({"id": ids, "context": batch["context"]})
         answers = postprocess_qa_predictions(
             examples, datasets.Dataset.from_dict(features), starts, ends, n_best=cfg.n_best,
-            max_answer_length=cfg.max_answer_length, version_2_with_negative=cfg.version_2_with_negative,
+            max_answer_length=cfg.max_answer_length, version_2_with_negative=cfg.version_2_with_negative is True,
             null_score_diff_threshold=cfg.null_score_diff_threshold,
         )
         by_example: dict[str, list[int]] = {}

@@ -1,5 +1,6 @@
 """A training file with bad rows under both `data.on_bad_row` policies, on 2 CPU ranks: the default stops every
-rank with one message naming the file, line and reason (exit 2); `skip` trains and logs the skipped counts."""
+rank, with one message (printed once) naming the file, line and reason (exit 2); `skip` trains and logs the
+skipped counts."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ def bad_file(tmp_path_factory) -> Path:
 
 def overrides(path: Path) -> tuple[str, ...]:
     return ("task=cls", "deepspeed=zero2", f"data.train_file={path}",
-            f"data.validation_file={BUNDLED / 'validation.jsonl'}", "+data.max_eval_samples=8", "trainer.max_steps=2",
+            f"data.validation_file={BUNDLED / 'validation.jsonl'}", "data.max_eval_samples=8", "trainer.max_steps=2",
             "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.log_every=1")  # fmt: skip
 
 
@@ -35,6 +36,7 @@ def test_default_policy_stops_every_rank_naming_file_and_line(launch, tmp_path, 
     assert run.returncode == 2, run.output[-3000:]
     assert "Traceback" not in run.output, run.output[-3000:]
     assert f"Cannot read {bad_file} as json: line 33 is not valid JSON" in run.output
+    assert run.output.count("line 33 is not valid JSON") == 1  # both ranks fail alike; rank 0 alone says it
     assert "data.on_bad_row=skip" in run.output
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -71,7 +71,7 @@ def test_generates_from_a_saved_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("override,expected_code,named", [
-    ("generation.temprature=1", None, "temprature"),  # Hydra refuses the unknown key itself
+    ("generation.temprature=1", 2, "Did you mean generation.temperature?"),  # Hydra's error, made ours
     ("+generation.temprature=1", 2, "generation.temprature"),  # added anyway: the typed config refuses it
     ("generation.max_length=3", 2, "max_length"),
     ("model.dtype=float64", 2, "model.dtype"),

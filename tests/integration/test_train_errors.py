@@ -26,6 +26,7 @@ def test_ds_json_contradicting_the_batch_size_fails_on_every_rank(launch, tmp_pa
     run = launch(tmp_path / "run", "task=qa", f"deepspeed.config_file={path}", "trainer.micro_batch_size=8", check=False)
     # the deepspeed launcher passes the ranks' exit code on
     assert_user_error(run, '"train_batch_size" is 64 but the Hydra config gives 16', "mine.json")
+    assert run.output.count('"train_batch_size" is 64') == 1  # every rank fails alike; rank 0 alone says it
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -1,13 +1,31 @@
 """The training config: every file under conf/ composes, and parse_config refuses bad values with the key named."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from finetune.config import ConfigError, RunConfig, parse_config
+from finetune.config import (
+    DATA_KEYS_BY_TASK,
+    TASKS,
+    ConfigError,
+    DataConfig,
+    DeepSpeedSection,
+    GenerationConfig,
+    LoggerConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SchedulerConfig,
+    TrainerConfig,
+    check_overrides_apply,
+    parse_config,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("task", "model", "deepspeed", "optim", "scheduler", "lora", "logger", "trainer")
@@ -41,6 +59,60 @@ def test_every_group_option_composes_and_parses(group):
         assert run.raw[group] == OmegaConf.to_container(cfg[group], resolve=True)
         if group == "task":
             assert run.task == option
+
+
+SCHEMAS = {"model": ModelConfig, "deepspeed": DeepSpeedSection, "optim": OptimConfig, "scheduler": SchedulerConfig,
+           "lora": LoraConfig, "logger": LoggerConfig, "trainer": TrainerConfig}
+
+
+def field_names(schema) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)}
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_every_option_of_a_group_has_every_key_its_typed_config_reads(group):
+    """So that `group.key=value` works for every key without Hydra's `+`, whichever option is chosen."""
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}")
+        assert set(cfg[group].keys()) == field_names(SCHEMAS[group]), f"conf/{group}/{option}.yaml"
+
+
+@pytest.mark.parametrize("task", ["clm", "cls", "qa"])
+def test_each_task_data_config_has_the_keys_that_task_reads(task):
+    assert set(DATA_KEYS_BY_TASK) == set(TASKS)
+    assert set().union(*map(set, DATA_KEYS_BY_TASK.values())) == field_names(DataConfig)  # every key has a task
+    cfg = compose_train(f"task={task}")
+    assert sorted(cfg.data.keys()) == sorted(DATA_KEYS_BY_TASK[task])
+
+
+@pytest.mark.parametrize("config_name", ["generate", "predict"])
+def test_tool_configs_have_every_generation_key(config_name):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config_name)
+    assert set(cfg.generation.keys()) == field_names(GenerationConfig)
+    if config_name == "generate":
+        assert set(cfg.model.keys()) == field_names(ModelConfig)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["lora.r=16"], "lora.r"),
+    (["logger.project=mine"], "logger.project"),
+    (["lora=lora", "lora.r=16", "logger=wandb", "logger.project=mine"], None),
+])
+def test_settings_of_a_switched_off_section_are_refused(overrides, key):
+    run = parse_config(compose_train(*overrides))
+    if key is None:
+        check_overrides_apply(run, overrides)
+        return
+    with pytest.raises(ConfigError, match=rf"^{re.escape(overrides[0])} has no effect: .* or drop {key}\."):
+        check_overrides_apply(run, overrides)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", True), ("false", False)])
+def test_version_2_with_negative_is_auto_true_or_false(value, expected):
+    assert parse_config(compose_train(f"data.version_2_with_negative={value}")).data.version_2_with_negative == expected
+    with pytest.raises(ConfigError, match=r"^data\.version_2_with_negative='maybe' is invalid"):
+        parse_config(compose_train("data.version_2_with_negative=maybe"))
 
 
 @pytest.mark.parametrize("task", ["clm", "cls", "qa"])

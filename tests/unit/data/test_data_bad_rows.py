@@ -107,13 +107,13 @@ def test_qa_bad_answers_and_duplicate_ids(tmp_path, make_cfg, tokenizer):
     train = write_lines(tmp_path / "train.jsonl", [
         qa_row("1"),
         qa_row("2", answers={"text": ["red"], "answer_start": [3]}),  # text not at answer_start
-        qa_row("3", answers={"text": [], "answer_start": []}),  # no answer without version 2
+        qa_row("3", answers={"text": [], "answer_start": []}),  # no answer under SQuAD v1 (false below)
         qa_row("4", context=None),
         qa_row("5", answers="red"),  # malformed
     ])  # fmt: skip
     validation = write_lines(tmp_path / "validation.jsonl", [qa_row("a"), qa_row("b"), qa_row("a")])
     message, data = both_policies("qa", make_cfg, tokenizer, train_file=train, validation_file=validation,
-                                  max_seq_len=64)  # fmt: skip
+                                  max_seq_len=64, version_2_with_negative=False)  # fmt: skip
     assert "4 bad train examples (bad_answer: 2, missing: 1, no_answer: 1)" in message
     assert "line 2, field 'answers.answer_start': answer 'red' should start at character 3" in message
     assert "line 3, field 'answers': the question has no answer" in message

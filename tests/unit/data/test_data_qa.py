@@ -121,10 +121,45 @@ def test_answer_start_mismatch_names_file_row_and_field(tmp_path, make_cfg, writ
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0), tokenizer)
 
 
-def test_unanswerable_question_needs_version_2(tmp_path, make_cfg, write_jsonl, tokenizer):
+def test_unanswerable_question_is_a_bad_row_under_squad_v1(tmp_path, make_cfg, write_jsonl, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", squad_rows())
-    with pytest.raises(DataError, match=r"line 3, field 'answers'.*version_2_with_negative=true"):
-        load_task_data("qa", make_cfg(train_file=path, validation_fraction=0), tokenizer)
+    with pytest.raises(DataError, match=r"line 3, field 'answers'.*version_2_with_negative=false treats that as a bad "
+                                        r"row.*=auto \(the default\) or true"):  # fmt: skip
+        load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, version_2_with_negative=False), tokenizer)
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat_is_impossible"])
+def test_auto_detects_squad_v2_and_says_so_once(tmp_path, make_cfg, write_jsonl, tokenizer, capsys, layout):
+    rows = squad_rows()
+    if layout == "nested":  # SQuAD's own v2.0 JSON: is_impossible, empty answers
+        path = tmp_path / "train-v2.0.json"
+        path.write_text(json.dumps(squad_nested(rows)))
+        path = str(path)
+    else:  # flat rows that mark the question impossible but keep a (plausible) answer, as some exports do
+        rows[2]["is_impossible"] = True
+        rows[2]["answers"] = {"text": ["Brel"], "answer_start": [0]}
+        for row in rows[:2]:
+            row["is_impossible"] = False
+        path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = load_task_data("qa", make_cfg(train_file=path, validation_file=path), tokenizer)
+    assert data.version_2_with_negative is True
+    notice = capsys.readouterr().err
+    assert notice.count("data.version_2_with_negative=auto: 1 of 3 train and 1 of 3 validation questions have no "
+                        "answer") == 1, notice
+    assert len(notice.strip().splitlines()) == 1
+    train = data.train
+    assert train["start_positions"][2] == train["end_positions"][2] == len(train["input_ids"][2]) - 1  # no answer
+    assert data.validation_examples["answers"][2]["text"] == []
+
+
+def test_auto_stays_squad_v1_without_unanswerable_questions(tmp_path, make_cfg, write_jsonl, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", squad_rows()[:2])
+    data = load_task_data("qa", make_cfg(train_file=path, validation_file=path), tokenizer)
+    assert data.version_2_with_negative is False
+    assert "version_2_with_negative" not in capsys.readouterr().err
+    forced = load_task_data("qa", make_cfg(train_file=path, validation_file=path, version_2_with_negative=True),
+                            tokenizer)
+    assert forced.version_2_with_negative is True
 
 
 def test_question_too_long_for_max_seq_len(tmp_path, make_cfg, write_jsonl, tokenizer):

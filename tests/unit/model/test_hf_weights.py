@@ -294,8 +294,8 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
 
 # --- low memory -----------------------------------------------------------------------------------
 LOW_MEMORY_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from finetune.model.hf_weights import load_pretrained
+    import json, sys, torch
+    from finetune.model.hf_weights import load_pretrained, load_state_into, read_config
     from finetune.model import GPTJConfig, build_model
 
     def status_bytes(field):
@@ -307,18 +307,51 @@ LOW_MEMORY_SCRIPT = textwrap.dedent("""
     # ru_maxrss would carry the parent's (pytest's) peak across exec; VmHWM is this process's, reset here.
     open("/proc/self/clear_refs", "w").write("5")
     base = status_bytes("VmRSS:")
-    model = load_pretrained(sys.argv[1], task="clm", dtype=torch.float32)
-    print((status_bytes("VmHWM:") - base) / sum(p.nbytes for p in model.parameters()))
+    dtype = getattr(torch, sys.argv[2])
+    if sys.argv[3] == "training":  # the runner's path: tensors copied into memory of their own
+        model = build_model(read_config(sys.argv[1]), task="clm", device="meta")
+        load_state_into(model, sys.argv[1], dtype=dtype)
+    else:
+        model = load_pretrained(sys.argv[1], task="clm", dtype=dtype)
+    weights = sum(p.nbytes for p in model.parameters())
+    loaded = (status_bytes("VmHWM:") - base) / weights
+    for p in model.parameters():  # read every weight once, as a forward pass does
+        p.detach().max()
+    print(json.dumps({"loaded": loaded, "read": (status_bytes("VmHWM:") - base) / weights}))
 """)
 
 
-def test_loading_peak_memory_stays_near_the_weights_size(tmp_path):
+@pytest.mark.parametrize(("dtype", "path", "mapped"), [
+    ("float32", "inference", True),  # same dtype: memory-mapped from the file, resident only once read
+    ("bfloat16", "inference", False),  # converted: one copy in the new dtype
+    ("float32", "training", False),  # training always copies
+])
+def test_loading_peak_memory_stays_near_the_weights_size(tmp_path, dtype, path, mapped):
     # ~100M fp32 parameters in 24 similar tensors: two copies would show as a ratio near 2.
     config = GPTJConfig(vocab_size=1024, n_embd=1024, n_layer=8, n_head=8, rotary_dim=16, n_positions=64)
     model = build_model(config, task="clm", init=False)
     save_pretrained(model, tmp_path / "ckpt", config=config, task="clm")
     del model
-    out = subprocess.run([sys.executable, "-c", LOW_MEMORY_SCRIPT, str(tmp_path / "ckpt")],
+    out = subprocess.run([sys.executable, "-c", LOW_MEMORY_SCRIPT, str(tmp_path / "ckpt"), dtype, path],
                          capture_output=True, text=True, check=True)
-    ratio = float(out.stdout.strip().splitlines()[-1])
-    assert ratio < 1.25, f"peak RSS while loading was {ratio:.2f}x the weights"
+    ratios = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ratios["read"] < 1.25, f"peak RSS was {ratios['read']:.2f}x the weights"
+    if mapped:
+        assert ratios["loaded"] < 0.1, f"loading alone took {ratios['loaded']:.2f}x the weights: they were copied"
+    else:
+        assert ratios["loaded"] > 0.9, ratios
+
+
+def test_mapped_weights_are_copy_on_write(tmp_path):
+    config = GPTJConfig(**TINY)
+    save_pretrained(our_model("clm"), tmp_path / "ckpt", config=config, task="clm")
+    on_disk = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    model = load_pretrained(tmp_path / "ckpt", task="clm", dtype=torch.float32)
+    reference = our_model("clm")
+    torch.testing.assert_close(logits(model, "clm", batch()), logits(reference, "clm", batch()), rtol=0, atol=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # writable, like any weight (LoRA merge, fine-tuning the loaded model)
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == on_disk
+    again = load_pretrained(tmp_path / "ckpt", task="clm", dtype=torch.float32)
+    torch.testing.assert_close(logits(again, "clm", batch()), logits(reference, "clm", batch()), rtol=0, atol=0)
