@@ -175,8 +175,11 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
         *,
         loss_reduction: str = "mean",
     ) -> QuestionAnsweringOutput:
-        """`loss_reduction`: "mean" (HF's) is the mean over features of (start CE + end CE) / 2; "sum" sums that
-        over the features (a position outside the sequence, ignored, adds 0)."""
+        """`loss_reduction`: "mean" (HF's) is the mean over features of (start CE + end CE) / 2, each softmax over
+        every position of the batch, padding included, as in transformers. "sum" sums that over the features with
+        each softmax over the feature's own tokens (attention_mask): padding is never an answer, and a feature's
+        loss then does not depend on how long the other features of its micro batch are. (A position outside the
+        sequence is ignored: it adds 0.)"""
         hidden, _ = self.transformer(input_ids, attention_mask, position_ids)
         start_logits, end_logits = self.qa_outputs(hidden).float().split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()
@@ -188,9 +191,14 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
             start_positions = start_positions.view(-1).clamp(0, ignored)
             end_positions = end_positions.view(-1).clamp(0, ignored)
             reduction = _check_reduction(loss_reduction)
+            start_scores, end_scores = start_logits, end_logits
+            if reduction == "sum" and attention_mask is not None:
+                padding = attention_mask == 0
+                start_scores = start_logits.masked_fill(padding, torch.finfo(start_logits.dtype).min)
+                end_scores = end_logits.masked_fill(padding, torch.finfo(end_logits.dtype).min)
             loss = (
-                F.cross_entropy(start_logits, start_positions, ignore_index=ignored, reduction=reduction)
-                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored, reduction=reduction)
+                F.cross_entropy(start_scores, start_positions, ignore_index=ignored, reduction=reduction)
+                + F.cross_entropy(end_scores, end_positions, ignore_index=ignored, reduction=reduction)
             ) / 2
         return QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 

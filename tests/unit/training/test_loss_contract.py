@@ -41,10 +41,14 @@ def cls_batch(problem_type: str, num_labels: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def qa_batch() -> dict[str, torch.Tensor]:
+def qa_batch(padded: bool = False) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     ids = torch.randint(1, 97, (5, 10))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "start_positions": torch.tensor([0, 3, 5, 2, 9]),
+    mask = torch.ones_like(ids)
+    if padded:  # right padding: rows of 10, 6, 9, 3 and 10 tokens
+        for row, length in enumerate((10, 6, 9, 3, 10)):
+            mask[row, length:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "start_positions": torch.tensor([0, 3, 5, 2, 9]),
             "end_positions": torch.tensor([0, 4, 8, 2, 9])}
 
 
@@ -101,3 +105,23 @@ def test_clm_sum_of_a_batch_without_targets_is_zero_and_unknown_reductions_are_r
     assert float(model(**batch, loss_reduction="sum").loss.detach()) == 0.0
     with pytest.raises(ValueError, match="loss_reduction='none'"):
         model(**batch, loss_reduction="none")
+
+
+def test_qa_sum_does_not_depend_on_the_padding_of_the_other_rows():
+    """A feature's "sum" loss is the same in a padded batch and alone (its softmax spans its own tokens); HF's
+    "mean" spans the padding too, so it depends on the longest row of the batch."""
+    config, _ = CASES["qa"]()
+    torch.manual_seed(0)
+    model = build_model(config, task="qa").eval()
+    batch = qa_batch(padded=True)
+    together = model(**batch, loss_reduction="sum").loss
+    singles = []
+    for row, length in enumerate(batch["attention_mask"].sum(-1).tolist()):
+        single = {key: value[row : row + 1] for key, value in batch.items()}
+        single["input_ids"] = single["input_ids"][:, :length]
+        single["attention_mask"] = single["attention_mask"][:, :length]
+        singles.append(single)
+    torch.testing.assert_close(together, sum(model(**s, loss_reduction="sum").loss for s in singles), rtol=1e-5,
+                               atol=0)
+    mean_alone = sum(model(**single).loss for single in singles) / len(singles)
+    assert not torch.allclose(model(**batch).loss, mean_alone, rtol=1e-3)  # unmasked: the padding counts
