@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from finetune import distributed
 from finetune.config import ConfigError
@@ -181,12 +182,16 @@ class Checkpointer:
         count draws other dropout masks anyway), so each rank is seeded from (trainer.seed, step, rank): the
         resumed run is reproducible, and no two ranks share a stream."""
         tag = load_tag or point.tag
+        groups = [dict(group) for group in engine.basic_optimizer.param_groups] if load_tag is not None else []
         path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if path is None or client_state is None:
             raise ConfigError(
                 f"{self.directory / tag} is marked complete but DeepSpeed could not load it; delete it to resume "
                 "from an older checkpoint, delete the directory to start over, or point hydra.run.dir at another run."
             )
+        if load_tag is not None:
+            _unshare_step_counters(engine)
+            _restore_weight_decay(engine, groups)
         saved_world = client_state.get("world_size")
         if saved_world == self.info.world_size:
             set_rng_state(client_state["rng"][self.info.rank])
@@ -271,6 +276,32 @@ def _describe(tag_dir: Path) -> ResumePoint:
     layout = marker.get("layout") or ({"world_size": marker["world_size"]} if "world_size" in marker else None)
     return ResumePoint(path=tag_dir, step=_step_of(tag_dir), layout=RunLayout.from_dict(layout) if layout else None,
                        model=marker.get("model"))
+
+
+def _unshare_step_counters(engine) -> None:
+    """Give each parameter group's optimizer state a `step` tensor of its own after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader (0.19) assigns one and the same `step` tensor to every sub-group's state,
+    and torch's Adam increments it in place once per group: with two groups (weights with weight decay, biases
+    and norms without) the step count would then advance twice per step, and Adam's bias correction with it."""
+    seen: set[int] = set()
+    for state in getattr(engine.basic_optimizer, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def _restore_weight_decay(engine, groups: list[dict[str, Any]]) -> None:
+    """Put back each parameter group's weight decay after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader (0.19) copies the hyper-parameters of the checkpoint's first group onto
+    every group, so the biases and norms (group 2, no decay) would be decayed like the weights. The rest it sets
+    is the same in every group (betas, eps, and lr, which the schedule sets)."""
+    for group, before in zip(engine.basic_optimizer.param_groups, groups):
+        if "weight_decay" in before:
+            group["weight_decay"] = before["weight_decay"]
 
 
 def resume_seed(seed: int, step: int, rank: int) -> int:

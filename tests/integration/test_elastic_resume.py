@@ -5,10 +5,11 @@ For ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload and LoRA (under ZeRO-3, its base fro
 - its step-3 checkpoint is relaunched on 1 rank with the same command: the accumulation is re-derived (2) to keep
   the global batch, the checkpoint is converted to DeepSpeed's universal form, steps 4-6 are trained;
 - 1 rank (micro batch 2 x accumulation 2) trains 6 steps, and its step-3 checkpoint is resumed on 2 ranks.
-Steps 4-6 and the final weights equal the uninterrupted runs' to 1e-5 relative (and the 1-rank and 2-rank
-uninterrupted runs equal each other). Then the bad input: a global batch that cannot be kept, a split that changes
-the global batch, a checkpoint of another model, each refused with one paragraph before anything is built or
-changed. Three launches (2 ranks, 1 rank, 2 ranks) run all of it.
+Weight decay is on (biases and norms without: two optimizer groups) and the learning rate changes every step, so
+the groups and the schedule must come back as saved. Steps 4-6 and the final weights equal the uninterrupted runs'
+to 1e-5 relative (and the 1-rank and 2-rank uninterrupted runs equal each other). Then the bad input: a global
+batch that cannot be kept, a split that changes the global batch, a checkpoint of another model, each refused
+with one paragraph before anything is built or changed. Three launches (2 ranks, 1 rank, 2 ranks) run all of it.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ RTOL = 1e-5
 def common(data: Path) -> tuple[str, ...]:
     return ("task=clm", "model=tiny", "trainer.precision=fp32", "trainer.max_steps=6", "trainer.save_every=3",
             "trainer.keep_last=3", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_at_end=false",
-            "trainer.seed=5", "optim.lr=1e-3", "scheduler=constant", "scheduler.warmup_steps=1",
-            "deepspeed.check_memory=false", f"data.train_file={data}", f"data.validation_file={data}",
-            "+data.prompt_column=prompt", "+data.response_column=response", "data.packing=false",
-            "data.max_seq_len=128")
+            "trainer.seed=5", "optim.lr=1e-3", "optim.weight_decay=0.1", "scheduler=linear",
+            "scheduler.warmup_steps=2", "deepspeed.check_memory=false", f"data.train_file={data}",
+            f"data.validation_file={data}", "+data.prompt_column=prompt", "+data.response_column=response",
+            "data.packing=false", "data.max_seq_len=128")
 
 
 def interrupted_copy(run_dir: Path, to: Path) -> Path:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def run_jobs(run_ranks, workdir: Path, runs: list[dict], *, world: int, timeout: float = 900) -> list[dict]:
+def run_jobs(run_ranks, workdir: Path, runs: list[dict], *, world: int, timeout: float = 1800) -> list[dict]:
     """Train `runs` ({"run_dir", "overrides"}) on `world` CPU ranks in one process group; their results in order."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs, results = workdir / f"jobs_{len(list(workdir.glob('jobs_*')))}.json", workdir / "results.json"

@@ -197,3 +197,14 @@ def test_a_universal_copy_is_pruned_with_its_original(tmp_path):
     (tmp_path / "global_step4_universal").mkdir()
     save_at(ckpt, engine, 6)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["global_step6"]
+
+
+def test_step_counters_shared_by_a_universal_load_are_unshared():
+    # DeepSpeed's ZeRO-3 universal loader hands both parameter groups one `step` tensor; torch's Adam would then
+    # count every step twice (tests/integration/test_elastic_resume.py fails on ZeRO-3 without this).
+    shared = torch.tensor(6.0)
+    state = {"weights": {"step": shared, "exp_avg": torch.zeros(2)}, "biases": {"step": shared}}
+    checkpoints._unshare_step_counters(SimpleNamespace(basic_optimizer=SimpleNamespace(state=state)))
+    assert state["weights"]["step"] is not state["biases"]["step"]
+    state["weights"]["step"] += 1
+    assert float(state["weights"]["step"]) == 7.0 and float(state["biases"]["step"]) == 6.0

@@ -132,3 +132,36 @@ def test_an_old_checkpoint_of_unknown_stage_is_converted_not_refused():
     old = RunLayout(world_size=2)
     assert needs_conversion(old, saved(world=1, stage=3))
     check_convertible(old, saved(world=1, stage=3), checkpoint=CKPT)
+
+
+def test_deepspeed_auto_replans_on_another_world_size_but_keeps_the_stage_a_checkpoint_needs(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from finetune.config import parse_config
+    from finetune.runner import AUTO_CHOICE_FILE, deepspeed_json
+    from finetune.training.engine import zero_stage
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[3] / "conf"), version_base="1.3"):
+        run = parse_config(compose("train", overrides=["deepspeed=auto", "model=tiny"]))
+    record = tmp_path / AUTO_CHOICE_FILE
+    base, fresh = deepspeed_json(run, run_dir=tmp_path, world_size=1)  # the first launch plans and records
+    recorded = json.loads(record.read_text())
+    assert recorded["world_size"] == 1 and fresh.endswith(recorded["config_file"])
+    capsys.readouterr()
+    assert deepspeed_json(run, run_dir=tmp_path, world_size=1)[1] == fresh  # same world: kept, not planned again
+    assert "deepspeed=auto: keeping" in capsys.readouterr().out
+    # Written on 2 ranks with another ZeRO stage than this machine's pick: DeepSpeed cannot load across stages,
+    # and that config fits here, so it is kept.
+    other = "ds_configs/zero3.json" if zero_stage(base) != 3 else "ds_configs/zero2.json"
+    record.write_text(json.dumps({"config_file": other, "world_size": 2}))
+    checkpoint = RunLayout(world_size=2, micro_batch_size=8, grad_accum_steps=1, zero_stage=3 if "3" in other else 2)
+    _, source = deepspeed_json(run, run_dir=tmp_path, world_size=1, resuming=checkpoint)
+    assert source.endswith(other) and json.loads(record.read_text()) == {"config_file": other, "world_size": 1}
+    assert "another ZeRO stage, into which DeepSpeed cannot load" in capsys.readouterr().out
+    # No checkpoint to carry over: the new pick.
+    record.write_text(json.dumps({"config_file": other, "world_size": 2}))
+    assert deepspeed_json(run, run_dir=tmp_path, world_size=1)[1] == fresh
+    assert "re-planned for 1 rank(s)" in capsys.readouterr().out
