@@ -150,6 +150,7 @@ TASKS = ("clm", "cls", "qa")
 SCHEDULERS = ("cosine", "linear", "constant")
 LOGGER_BACKENDS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
+LOSS_NORMALIZATIONS = ("global_batch", "micro_batch")
 
 
 @dataclass
@@ -182,6 +183,10 @@ class TrainerConfig:
     # bf16/fp32: each step with a non-finite loss or gradients is skipped (no update); this many in a row stop
     # the run. fp16 keeps DeepSpeed's loss scaling, which skips and counts overflowing steps by design.
     max_nonfinite_steps: int = 3
+    # global_batch: each step's loss is the mean over every target of the global batch (tokens for clm, examples
+    # for cls/qa), the same for any split into ranks, micro batches and accumulation. micro_batch: the mean of each
+    # micro batch's own mean (layout-dependent; what DeepSpeed does by itself), to reproduce older runs.
+    loss_normalization: str = "global_batch"
 
 
 @dataclass
@@ -336,6 +341,8 @@ def validate(run: RunConfig) -> None:
              "use a positive number of seconds, more than the longest checkpoint save (default 600).")
     _require(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", t.max_nonfinite_steps,
              "use 1 or more (1: stop at the first non-finite step).")
+    _require(t.loss_normalization in LOSS_NORMALIZATIONS, "trainer.loss_normalization", t.loss_normalization,
+             f"use one of {', '.join(LOSS_NORMALIZATIONS)} (global_batch: the same loss for every parallel layout).")
     _require(o.name == "adamw", "optim.name", o.name, "only adamw is supported (DeepSpeed's AdamW / CPU Adam).")
     _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive (e.g. 1e-5 for GPT-J 6B).")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,

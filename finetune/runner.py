@@ -6,7 +6,9 @@ DeepSpeed engine -> loop -> final/ (HF format) + eval_results.json.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +29,15 @@ from finetune.training.engine import build_ds_config, initialize, load_ds_json, 
 from finetune.training.errors import RankFailureError, TrainingError
 from finetune.training.evaluation import write_eval_results
 from finetune.training.loop import LoopResult, train
+from finetune.training.resume import (
+    RunLayout,
+    check_convertible,
+    check_same_model,
+    model_signature,
+    needs_conversion,
+    plan_batch_layout,
+    stage_change_supported,
+)
 
 TRAINING_ERROR_EXIT_CODE = 3  # stopped by the loop itself (see finetune.training.errors); 2 is a user error
 
@@ -168,47 +179,85 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
     return final
 
 
-AUTO_CHOICE_FILE = "deepspeed_auto.json"  # in the run dir: the config `deepspeed=auto` picked at the first launch
+AUTO_CHOICE_FILE = "deepspeed_auto.json"  # in the run dir: the config `deepspeed=auto` picked, and for how many ranks
 
 
-def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Path] = None
-                   ) -> tuple[dict[str, Any], str]:
+def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Path] = None,
+                   world_size: int = 1, resuming: Optional[RunLayout] = None) -> tuple[dict[str, Any], str]:
     """The DeepSpeed JSON to fill and where it came from: deepspeed.config_file, or for `deepspeed=auto` the memory
     planner's choice. A config that cannot fit the cluster is refused here, before data and model (ConfigError;
     deepspeed.check_memory=false skips that). Collective when it plans: every rank calls it.
 
-    `deepspeed=auto` records its pick in run_dir; a relaunch of that run dir (a resume) keeps it, since a
-    checkpoint only loads into the ZeRO layout that wrote it, even if the hardware would now suggest another."""
+    `deepspeed=auto` records its pick in run_dir. A relaunch of that run dir (a resume) on the same number of
+    ranks keeps it. On another number it plans again: a checkpoint (`resuming`, its layout) is converted to the
+    new pick's partitioning; where DeepSpeed cannot convert between the two (another ZeRO stage), the old pick is
+    kept if it fits the new cluster, and refused with what to do if it does not."""
     from finetune.planning import choice as memory_choice
 
-    if run.deepspeed.config_file == "auto":
-        record = run_dir / AUTO_CHOICE_FILE if run_dir is not None else None
-        # Rank 0's view decides: another rank could see the file rank 0 is about to write and skip the collective.
-        if distributed.broadcast_object(record is not None and record.is_file()):
-            config_file = json.loads(record.read_text())["config_file"]
+    if run.deepspeed.config_file != "auto":
+        base, source = load_ds_json(run.deepspeed.config_file)
+        if run.deepspeed.check_memory:
+            memory_choice.check_memory(run, model_config(run, {}), base, source=source, is_main=is_main)
+        return base, source
+    record = run_dir / AUTO_CHOICE_FILE if run_dir is not None else None
+    # Rank 0's view decides: another rank could see the file rank 0 is about to write and skip the collective.
+    recorded = distributed.broadcast_object(
+        json.loads(record.read_text()) if is_main and record is not None and record.is_file() else None)
+    if recorded is not None and recorded.get("world_size", world_size) == world_size:
+        if is_main:
+            print(f"deepspeed=auto: keeping {recorded['config_file']}, chosen at this run's first launch ({record}).",
+                  flush=True)
+        return load_ds_json(recorded["config_file"])
+    model = model_config(run, {})
+    config_file = memory_choice.choose_config_file(run, model, is_main=is_main)
+    if recorded is not None and config_file != recorded["config_file"]:
+        before, now = recorded["config_file"], config_file
+        before_base, before_source = load_ds_json(before)
+        saved_stage = resuming.zero_stage if resuming is not None else None
+        if saved_stage is not None and not stage_change_supported(saved_stage, zero_stage(load_ds_json(now)[0])):
+            try:
+                memory_choice.check_memory(run, model, before_base, source=before_source, is_main=False)
+            except ConfigError:
+                raise ConfigError(
+                    f"deepspeed=auto: on {world_size} rank(s) this run's checkpoint config {before} "
+                    f"(ZeRO-{saved_stage}, chosen for {recorded.get('world_size', '?')} ranks) no longer fits, "
+                    f"and the planner's pick {now} uses another ZeRO stage, into which DeepSpeed cannot load the "
+                    f"checkpoint. Resume on {recorded.get('world_size', 'the former number of')} ranks, or give "
+                    "the memory with deepspeed.device_memory_gb / deepspeed.cpu_memory_gb if the estimate is "
+                    "wrong; nothing in the run dir was changed."
+                ) from None
+            config_file = before
             if is_main:
-                print(f"deepspeed=auto: keeping {config_file}, chosen at this run's first launch ({record}).",
-                      flush=True)
-        else:
-            config_file = memory_choice.choose_config_file(run, model_config(run, {}), is_main=is_main)
-            if record is not None and is_main:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                record.write_text(json.dumps({"config_file": config_file}) + "\n")
-        return load_ds_json(config_file)
-    base, source = load_ds_json(run.deepspeed.config_file)
-    if run.deepspeed.check_memory:
-        memory_choice.check_memory(run, model_config(run, {}), base, source=source, is_main=is_main)
-    return base, source
+                print(f"deepspeed=auto: keeping {before} for {world_size} rank(s), where it still fits: the "
+                      f"planner's pick {now} uses another ZeRO stage, into which DeepSpeed cannot load this "
+                      "run's checkpoint.", flush=True)
+        elif is_main:
+            print(f"deepspeed=auto: re-planned for {world_size} rank(s): {now} (was {before} for "
+                  f"{recorded.get('world_size', '?')} ranks).", flush=True)
+    if record is not None and is_main:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"config_file": config_file, "world_size": world_size}) + "\n")
+    return load_ds_json(config_file)
 
 
-def run(cfg: Any) -> Optional[LoopResult]:
-    """Train as the composed config says; returns the loop's result (eval results on rank 0)."""
+def conversion_workers(info: DistInfo) -> int:
+    """Processes for the universal conversion on rank 0: the node's CPUs shared with its other ranks."""
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE, srun SLURM_NTASKS_PER_NODE
+    local = (os.environ.get(key) for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"))
+    local_ranks = int(next((value for value in local if value and value.isdigit()), 1))
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def run(cfg: Any, *, run_dir: Optional[Path] = None) -> Optional[LoopResult]:
+    """Train as the composed config says; returns the loop's result (eval results on rank 0).
+
+    `run_dir`: the run dir when not Hydra's (several runs in one process group: tests, benchmarks)."""
     run_cfg = parse_config(cfg)
     task = get_task(run_cfg.task)
     info = distributed.init_distributed(collective_timeout_s=run_cfg.trainer.collective_timeout_s)
     group_alive = True
     try:
-        return _run(run_cfg, task, info)
+        return _run(run_cfg, task, info, run_dir or hydra_run_dir())
     except TrainingError as err:  # the loop's own stop (non-finite loss, disk full, a rank gone): no traceback
         group_alive = not isinstance(err, RankFailureError)
         if info.is_main or not group_alive:  # the ranks agree on the others: rank 0 says it once
@@ -221,17 +270,27 @@ def run(cfg: Any) -> Optional[LoopResult]:
             distributed.barrier()
 
 
-def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
+def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path) -> LoopResult:
     from deepspeed.accelerator import get_accelerator
 
     from finetune.logging import RunLogger, mfu, peak_flops_for_device
     from finetune.training.preemption import PreemptionHandler
 
-    run_dir = agree_on_run_dir(info, hydra_run_dir())
+    run_dir = agree_on_run_dir(info, own_run_dir)
     if info.is_main:
         print(f"Run dir: {run_dir}", flush=True)
     distributed.seed_everything(run.trainer.seed)
-    base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", info=info, keep_last=run.trainer.keep_last)
+    # Read before anything is built: the layout and model of the checkpoint decide the batch split and whether
+    # it needs converting, and a mismatch is refused here rather than deep inside DeepSpeed's loader.
+    point = checkpointer.find_resume_point()
+    if point is not None and point.layout is not None:
+        trainer, notice = plan_batch_layout(point.layout, run.trainer, info.world_size, checkpoint=str(point.path))
+        if notice and info.is_main:
+            print(notice, flush=True)
+        run = dataclasses.replace(run, trainer=trainer)
+    base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir, world_size=info.world_size,
+                                  resuming=point.layout if point is not None else None)
 
     def ds_config_for(total_steps: int) -> dict[str, Any]:
         return build_ds_config(
@@ -251,9 +310,24 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
             f"data.max_seq_len={run.data.max_seq_len} exceeds the model's n_positions ({config.n_positions}); "
             f"lower data.max_seq_len to at most {config.n_positions}."
         )
+    signature = model_signature(config, task=run.task, lora=run.lora)
+    if point is not None:
+        check_same_model(point.model, signature, checkpoint=str(point.path))
 
     total_steps = total_optimizer_steps(run.trainer, num_rows=len(data.train), world_size=info.world_size)
     ds_config = ds_config_for(total_steps)
+    layout = RunLayout(world_size=info.world_size, micro_batch_size=run.trainer.micro_batch_size,
+                       grad_accum_steps=run.trainer.grad_accum_steps, zero_stage=zero_stage(ds_config),
+                       offload=tuple(sorted(offload_devices(ds_config))), config_file=source)
+    checkpointer.layout, checkpointer.model = layout, signature
+    load_tag = None
+    if point is not None and point.layout is not None and needs_conversion(point.layout, layout):
+        check_convertible(point.layout, layout, checkpoint=str(point.path))
+        if info.is_main:
+            print(f"Resuming {point.path}, written as {point.layout.partitioning()}, as {layout.partitioning()}: "
+                  "it is loaded from DeepSpeed's universal form.", flush=True)
+        load_tag = checkpointer.universal_copy(point, workers=conversion_workers(info))
+        ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
     model = build_training_model(run, config, ds_config=ds_config, info=info)
     distributed.seed_everything(run.trainer.seed)  # training randomness (dropout) independent of how init drew
     num_params = count_parameters(model)
@@ -264,8 +338,9 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     trainable = count_parameters(model, trainable_only=True)
     engine = initialize(model, ds_config, weight_decay=run.optim.weight_decay)
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", info=info, keep_last=run.trainer.keep_last)
-    start = checkpointer.resume(engine)  # the newest complete checkpoint, if any
+    start = None
+    if point is not None:  # the newest complete checkpoint
+        start = checkpointer.resume(engine, point, seed=run.trainer.seed, load_tag=load_tag)
     resuming = start is not None
     if info.is_main:
         what = f"Resuming at step {engine.global_steps}:" if resuming else "Training"
@@ -274,7 +349,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
             f"{f' ({trainable / 1e6:.2f}M trainable)' if trainable != num_params else ''} | "
             f"ZeRO-{zero_stage(ds_config)}{_offload_note(ds_config)} | {type(engine.basic_optimizer).__name__} | "
             f"world {info.world_size} | {total_steps} steps | "
-            f"batch {ds_config['train_batch_size']} | {len(data.train)} train rows",
+            f"batch {ds_config['train_batch_size']} = {run.trainer.micro_batch_size} x {run.trainer.grad_accum_steps} "
+            f"x {info.world_size} | {len(data.train)} train rows",
             flush=True,
         )
     peak = peak_flops_for_device(engine.device)

@@ -1,6 +1,7 @@
 """The three tasks as small plug-ins of the one training loop.
 
-A task decides what the loop cannot know by itself: the model-config tweaks its head needs, what to keep of
+A task decides what the loop cannot know by itself: the model-config tweaks its head needs, how many loss targets
+a batch holds (the loop normalises the summed loss of a whole global batch by their count), what to keep of
 each evaluated row (small, picklable, gathered across ranks), and how those rows become metrics.
 Data loading and collation are shared (`finetune.data`); the head is picked by the task name (`build_model`).
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from finetune import metrics
 from finetune.config import DataConfig
 from finetune.data import DataCollator, TaskData, load_task_data, postprocess_qa_predictions, qa_references
+from finetune.data.collate import IGNORE_INDEX
 from finetune.model.tokenizer import GPTJTokenizer
 
 
@@ -29,6 +31,11 @@ class Task(Protocol):
     def collator(self, tokenizer: GPTJTokenizer) -> DataCollator: ...
 
     def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]: ...
+
+    def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the head's loss averages over in `batch`, counted: the denominator of its "mean" and the number of
+        terms of its "sum" (`loss_reduction`). A 0-dim int64 tensor on the batch's device."""
+        ...
 
     def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]: ...
 
@@ -48,9 +55,18 @@ class _BaseTask:
         # GPT-J pads with <|endoftext|>; saying so in config.json lets transformers' heads batch padded inputs.
         return {"pad_token_id": tokenizer.pad_token_id}
 
+    def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # One loss per example (cls) or feature (qa).
+        ids = batch["input_ids"]
+        return torch.tensor(ids.shape[0], dtype=torch.int64, device=ids.device)
+
 
 class CausalLMTask(_BaseTask):
     name, main_metric, higher_is_better = "clm", "perplexity", False
+
+    def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Token t predicts token t+1: the targets are the shifted labels that are not -100 (prompt, padding).
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
         # Per row (summed token NLL, token count): the dataset perplexity weighs every token alike.

@@ -10,6 +10,16 @@ from torch import nn
 
 from finetune.model.gptj import GPTJConfig, GPTJModel, KVCache, init_module_weights
 
+# "mean": Hugging Face's loss. "sum": summed over the loss targets, which the training loop divides by the target
+# count of the whole global batch (finetune.training.loss).
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(loss_reduction: str) -> str:
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction={loss_reduction!r}; use one of {', '.join(LOSS_REDUCTIONS)}.")
+    return loss_reduction
+
 
 # NamedTuples rather than dataclasses: DeepSpeed's ZeRO-3 hooks walk tuples to find the output tensors
 # (for its backward-pass parameter gathering); a dataclass hides them and draws a warning.
@@ -67,7 +77,11 @@ class GPTJForCausalLM(GPTJPreTrainedModel):
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
         labels: Optional[torch.Tensor] = None,
+        *,
+        loss_reduction: str = "mean",
     ) -> CausalLMOutput:
+        """`loss_reduction`: "mean" (HF's) is the mean NLL over target tokens (labels[:, 1:] != -100); "sum" is
+        their summed NLL, for a training loop that normalises over a whole global batch itself."""
         hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         # fp32 logits as HF: the softmax over 50400 classes loses too much in half precision.
         logits = self.lm_head(hidden).float()
@@ -75,7 +89,8 @@ class GPTJForCausalLM(GPTJPreTrainedModel):
         if labels is not None:
             # Token t predicts token t+1; -100 marks positions without loss (padding, prompts).
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100,
+                reduction=_check_reduction(loss_reduction),
             )
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=presents)
 
@@ -109,15 +124,21 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        *,
+        loss_reduction: str = "mean",
     ) -> SequenceClassifierOutput:
+        """`loss_reduction`: "mean" (HF's) averages the per-example losses, "sum" adds them up."""
         hidden, _ = self.transformer(input_ids, attention_mask, position_ids)
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, n_embd)
         logits = self.score(pooled).float()
-        loss = None if labels is None else self.loss(logits, labels)
+        loss = None if labels is None else self.loss(logits, labels, reduction=_check_reduction(loss_reduction))
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        """HF's loss for the problem type. An example's loss is the mean over its labels (regression with several
+        outputs, multi-label), so "mean" over examples equals HF's mean over all elements and "sum" adds the
+        examples' losses."""
         problem_type = self.config.problem_type
         if problem_type is None:  # HF's inference rule
             if self.num_labels == 1:
@@ -128,11 +149,15 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
                 problem_type = "multi_label_classification"
         if problem_type == "regression":
             if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
-            return F.mse_loss(logits, labels.to(logits.dtype))
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+                return F.mse_loss(logits.view(-1), labels.reshape(-1).to(logits.dtype), reduction=reduction)
+            per_element = F.mse_loss(logits, labels.to(logits.dtype), reduction="none")
+        elif problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), reduction=reduction)
+        else:
+            per_element = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        if reduction == "mean":
+            return per_element.mean()
+        return per_element.mean(-1).sum()
 
 
 class GPTJForQuestionAnswering(GPTJPreTrainedModel):
@@ -147,7 +172,14 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         start_positions: Optional[torch.Tensor] = None,
         end_positions: Optional[torch.Tensor] = None,
+        *,
+        loss_reduction: str = "mean",
     ) -> QuestionAnsweringOutput:
+        """`loss_reduction`: "mean" (HF's) is the mean over features of (start CE + end CE) / 2, each softmax over
+        every position of the batch, padding included, as in transformers. "sum" sums that over the features with
+        each softmax over the feature's own tokens (attention_mask): padding is never an answer, and a feature's
+        loss then does not depend on how long the other features of its micro batch are. (A position outside the
+        sequence is ignored: it adds 0.)"""
         hidden, _ = self.transformer(input_ids, attention_mask, position_ids)
         start_logits, end_logits = self.qa_outputs(hidden).float().split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()
@@ -158,9 +190,15 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
             ignored = start_logits.size(1)
             start_positions = start_positions.view(-1).clamp(0, ignored)
             end_positions = end_positions.view(-1).clamp(0, ignored)
+            reduction = _check_reduction(loss_reduction)
+            start_scores, end_scores = start_logits, end_logits
+            if reduction == "sum" and attention_mask is not None:
+                padding = attention_mask == 0
+                start_scores = start_logits.masked_fill(padding, torch.finfo(start_logits.dtype).min)
+                end_scores = end_logits.masked_fill(padding, torch.finfo(end_logits.dtype).min)
             loss = (
-                F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
-                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+                F.cross_entropy(start_scores, start_positions, ignore_index=ignored, reduction=reduction)
+                + F.cross_entropy(end_scores, end_positions, ignore_index=ignored, reduction=reduction)
             ) / 2
         return QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 

@@ -1,8 +1,10 @@
 """Training checkpoints: DeepSpeed's engine state plus the loop's, committed atomically, pruned, resumed.
 
 A checkpoint counts only once committed (every rank's files written, then a completion marker), so a run killed
-while saving resumes from the previous one. (Hugging Face-format weights, for loading and export, are
-finetune.model.hf_weights.)
+while saving resumes from the previous one. The marker also records the layout that wrote the checkpoint and the
+model it holds (finetune.training.resume), which a relaunch reads before building anything; a relaunch on another
+layout loads a universal copy (finetune.training.universal). (Hugging Face-format weights, for loading and export,
+are finetune.model.hf_weights.)
 """
 from __future__ import annotations
 
@@ -10,15 +12,20 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
+import torch
+
+from finetune import distributed
 from finetune.config import ConfigError
 from finetune.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, rng_state, set_rng_state
 from finetune.training import faults
 from finetune.training.data_order import DataPosition
-from finetune.training.errors import DiskSpaceError
+from finetune.training.errors import CheckpointConversionError, DiskSpaceError, TrainingError
+from finetune.training.resume import RunLayout
 
 CHECKPOINT_TAG = re.compile(r"^global_step(\d+)$")
 
@@ -26,6 +33,20 @@ CHECKPOINT_TAG = re.compile(r"^global_step(\d+)$")
 COMPLETE_MARKER = "complete.json"  # in a tag dir: written last, it makes the checkpoint count
 LATEST = "latest"  # DeepSpeed's pointer to the newest checkpoint (read by its tools and by launch/export.py)
 SIZE_MARGIN = 1.1  # checkpoints of one run barely vary in size; the margin covers the estimate of the first one
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The newest complete checkpoint of a run dir, as its marker describes it (read before the engine exists)."""
+
+    path: Path
+    step: int
+    layout: Optional[RunLayout]  # None: written before completion markers existed
+    model: Optional[dict[str, Any]]  # model_signature; None: written before it was recorded
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
 
 
 class Checkpointer:
@@ -39,8 +60,11 @@ class Checkpointer:
     only complete one, nor the one `latest` names.
     """
 
-    def __init__(self, directory: Path, *, info: DistInfo, keep_last: int):
+    def __init__(self, directory: Path, *, info: DistInfo, keep_last: int, layout: Optional[RunLayout] = None,
+                 model: Optional[dict[str, Any]] = None):
         self.directory, self.info, self.keep_last = Path(directory), info, keep_last
+        # Recorded in every checkpoint's marker: the layout of this launch and the model it trains.
+        self.layout, self.model = layout, model
         self.last_complete: Optional[Path] = None  # the checkpoint a relaunch would resume from (for messages)
 
     # --- saving ---------------------------------------------------------------------------------------
@@ -53,6 +77,11 @@ class Checkpointer:
         self._check_free_space(engine, tag)
         rng = all_gather_objects(rng_state())  # DeepSpeed writes client_state from rank 0 only
         client_state = {"position": asdict(position), "rng": rng, "world_size": self.info.world_size}
+        record: dict[str, Any] = {"global_step": step, "world_size": self.info.world_size}
+        if self.layout is not None:
+            record["layout"] = self.layout.to_dict()
+        if self.model is not None:
+            record["model"] = self.model
         leftover = self.directory / tag
         if self.info.is_main and leftover.is_dir() and not (leftover / COMPLETE_MARKER).exists():
             shutil.rmtree(leftover)  # an interrupted save of this same step: start it clean
@@ -61,7 +90,7 @@ class Checkpointer:
         faults.kill_if_active("kill_in_save", step=step, rank=self.info.rank)
         barrier()  # every rank's files are on disk: commit
         if self.info.is_main:
-            _commit(self.directory / tag, step=step, world_size=self.info.world_size)
+            commit_tag_dir(self.directory / tag, record=record)
             _write_atomically(self.directory / LATEST, tag)
             self._prune()
         self.last_complete = self.directory / tag
@@ -108,29 +137,75 @@ class Checkpointer:
         for path in self._tag_dirs():
             if path not in keep:  # older complete ones, and leftovers of interrupted saves
                 shutil.rmtree(path, ignore_errors=True)
+        from finetune.training.universal import UNIVERSAL_SUFFIX
+
+        for path in self.directory.glob(f"global_step*{UNIVERSAL_SUFFIX}"):  # a universal copy goes with its original
+            if (self.directory / path.name.removesuffix(UNIVERSAL_SUFFIX)) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     # --- resuming -------------------------------------------------------------------------------------
-    def resume(self, engine) -> Optional[DataPosition]:
-        """Load the newest complete checkpoint into `engine` and return its data position; None when there is
-        none (a fresh run). A collective: rank 0 chooses (and removes leftovers of interrupted saves), every
-        rank loads that same tag."""
-        tag = broadcast_object(self._choose_and_clean() if self.info.is_main else None)
-        if tag is None:
-            return None
+    def find_resume_point(self) -> Optional[ResumePoint]:
+        """The newest complete checkpoint, read from its marker before any engine exists; None for a fresh run.
+        A collective: rank 0 chooses (and removes leftovers of interrupted saves), every rank gets its answer."""
+        point = None
+        if self.info.is_main:
+            tag = self._choose_and_clean()
+            if tag is not None:
+                point = _describe(self.directory / tag)
+        return broadcast_object(point)
+
+    def universal_copy(self, point: ResumePoint, *, workers: int = 1) -> str:
+        """The tag of `point`'s universal form, converted now by rank 0 (committed, the original kept) unless an
+        earlier launch did. A collective: the other ranks wait for it without the collective timeout (a large
+        checkpoint converts for minutes)."""
+        from finetune.training.universal import convert_to_universal
+
+        outcome: Any = None
+        with distributed.main_process_first(self.info):
+            if self.info.is_main:
+                try:
+                    outcome = convert_to_universal(self.directory, point.tag, workers=workers, log=_notice_line)
+                except TrainingError as err:
+                    outcome = err
+                except Exception as err:  # noqa: BLE001 -- every rank must stop, not wait for rank 0 forever
+                    outcome = CheckpointConversionError(f"Converting {point.path} failed: {err!r}")
+        outcome = broadcast_object(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def resume(self, engine, point: ResumePoint, *, seed: int, load_tag: Optional[str] = None) -> DataPosition:
+        """Load `point` (or its universal form `load_tag`) into `engine`; returns the data position to go on from.
+
+        RNG states: each rank gets its own back when the world size is the one that wrote the checkpoint, so a
+        resumed run continues bit for bit. On another world size the streams cannot continue (another rank
+        count draws other dropout masks anyway), so each rank is seeded from (trainer.seed, step, rank): the
+        resumed run is reproducible, and no two ranks share a stream."""
+        tag = load_tag or point.tag
+        groups = [dict(group) for group in engine.basic_optimizer.param_groups] if load_tag is not None else []
         path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if path is None or client_state is None:
             raise ConfigError(
                 f"{self.directory / tag} is marked complete but DeepSpeed could not load it; delete it to resume "
                 "from an older checkpoint, delete the directory to start over, or point hydra.run.dir at another run."
             )
-        if client_state["world_size"] != self.info.world_size:
-            raise ConfigError(
-                f"The checkpoint in {path} was written by {client_state['world_size']} ranks but this launch has "
-                f"{self.info.world_size}; relaunch with the same number of ranks to resume this run dir."
-            )
-        set_rng_state(client_state["rng"][self.info.rank])
-        self.last_complete = self.directory / tag
-        return DataPosition(**client_state["position"])
+        if load_tag is not None:
+            _unshare_step_counters(engine)
+            _restore_weight_decay(engine, groups)
+        saved_world = client_state.get("world_size")
+        if saved_world == self.info.world_size:
+            set_rng_state(client_state["rng"][self.info.rank])
+        else:
+            distributed.seed_everything(resume_seed(seed, engine.global_steps, self.info.rank))
+            if self.info.is_main:
+                _notice(f"written by {saved_world} ranks, resumed on {self.info.world_size}: the random streams "
+                        "(dropout) are re-seeded from trainer.seed, the step and the rank")
+        self.last_complete = point.path
+        position = client_state["position"]
+        if "global_batches" not in position:  # written before global batches: micro batches of one rank
+            accum = self.layout.grad_accum_steps if self.layout is not None else 1
+            position = {"epoch": position["epoch"], "global_batches": position["batches"] // accum}
+        return DataPosition(**position)
 
     def _choose_and_clean(self) -> Optional[str]:
         """Rank 0: the tag to resume from, after setting aside what interrupted saves left."""
@@ -186,10 +261,52 @@ def checkpoint_complete(tag_dir: Path) -> bool:
     return all((tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items())
 
 
-def _commit(tag_dir: Path, *, step: int, world_size: int) -> None:
+def commit_tag_dir(tag_dir: Path, *, record: dict[str, Any]) -> None:
+    """Mark `tag_dir` complete: its marker lists every file and its size, plus `record` (step, layout, model)."""
     files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
-    _write_atomically(tag_dir / COMPLETE_MARKER,
-                      json.dumps({"global_step": step, "world_size": world_size, "files": files}, indent=1) + "\n")
+    _write_atomically(tag_dir / COMPLETE_MARKER, json.dumps({**record, "files": files}, indent=1) + "\n")
+
+
+def _describe(tag_dir: Path) -> ResumePoint:
+    """A complete checkpoint as its marker describes it (a checkpoint without one: layout and model unknown)."""
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    layout = marker.get("layout") or ({"world_size": marker["world_size"]} if "world_size" in marker else None)
+    return ResumePoint(path=tag_dir, step=_step_of(tag_dir), layout=RunLayout.from_dict(layout) if layout else None,
+                       model=marker.get("model"))
+
+
+def _unshare_step_counters(engine) -> None:
+    """Give each parameter group's optimizer state a `step` tensor of its own after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader (0.19) assigns one and the same `step` tensor to every sub-group's state,
+    and torch's Adam increments it in place once per group: with two groups (weights with weight decay, biases
+    and norms without) the step count would then advance twice per step, and Adam's bias correction with it."""
+    seen: set[int] = set()
+    for state in getattr(engine.basic_optimizer, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def _restore_weight_decay(engine, groups: list[dict[str, Any]]) -> None:
+    """Put back each parameter group's weight decay after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader (0.19) copies the hyper-parameters of the checkpoint's first group onto
+    every group, so the biases and norms (group 2, no decay) would be decayed like the weights. The rest it sets
+    is the same in every group (betas, eps, and lr, which the schedule sets)."""
+    for group, before in zip(engine.basic_optimizer.param_groups, groups):
+        if "weight_decay" in before:
+            group["weight_decay"] = before["weight_decay"]
+
+
+def resume_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for `rank` resuming at `step` on another world size: well mixed, distinct per rank."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -208,3 +325,7 @@ def _step_of(tag_dir: Path) -> int:
 
 def _notice(message: str) -> None:
     print(f"Checkpoints: {message}", flush=True)
+
+
+def _notice_line(message: str) -> None:
+    print(message, flush=True)

@@ -18,3 +18,7 @@ class DiskSpaceError(TrainingError):
 
 class RankFailureError(TrainingError):
     """A collective failed: another rank died, or hung past trainer.collective_timeout_s."""
+
+
+class CheckpointConversionError(TrainingError):
+    """DeepSpeed could not convert a checkpoint to its universal form for a relaunch on another layout."""

@@ -1,4 +1,8 @@
-"""The training loop, one for every task: micro batches -> DeepSpeed engine -> logs, evals, checkpoints.
+"""The training loop, one for every task: global batches -> micro batches -> DeepSpeed engine -> logs, evals,
+checkpoints.
+
+Each optimizer step trains on one global batch (finetune.training.data_order), with its loss normalised over the
+whole global batch (finetune.training.loss): the rows and the gradient of a step do not depend on the layout.
 
 Faults: a step whose loss or gradients are not finite is skipped, and trainer.max_nonfinite_steps of them in a
 row stop the run; a failed collective (a rank died or hangs) ends it; checkpoints commit atomically
@@ -6,7 +10,6 @@ row stop the run; a failed collective (a rank died or hangs) ends it; checkpoint
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ from finetune.distributed import DistInfo, all_reduce_sum
 from finetune.tasks import Task
 from finetune.training import faults
 from finetune.training.checkpoints import Checkpointer
-from finetune.training.data_order import DataPosition, train_batches
+from finetune.training.data_order import BatchLayout, DataPosition, train_steps
 from finetune.training.errors import NonFiniteLossError, RankFailureError
 from finetune.training.evaluation import evaluate, to_device
+from finetune.training.loss import backward_scale, global_target_count
 
 
 @dataclass
@@ -94,8 +98,10 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     stop_at = min(total_steps, trainer.stop_after_steps or total_steps)
     eval_batch = trainer.eval_micro_batch_size or trainer.micro_batch_size
     has_eval = data.validation is not None and len(data.validation) > 0
-    batches = train_batches(data.train, collate, info=info, micro_batch_size=trainer.micro_batch_size,
-                            seed=trainer.seed, start=position, num_workers=trainer.num_workers)
+    layout = BatchLayout.of(trainer, info.world_size)
+    steps = train_steps(data.train, collate, info=info, layout=layout, seed=trainer.seed, start=position,
+                        num_workers=trainer.num_workers)
+    global_mean = trainer.loss_normalization == "global_batch"
     meter = _Meter(engine.device)
     guard = _NonFiniteGuard(engine, trainer, info)
     last_saved = engine.global_steps if start is not None else -1
@@ -104,23 +110,28 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     while engine.global_steps < stop_at:
         step = engine.global_steps + 1
         meter.start()
-        for micro in range(trainer.grad_accum_steps):
-            position, batch = next(batches)
+        position, micro_batches = next(steps)
+        if global_mean:  # counted before any backward pass: every micro batch's loss is scaled by the global count
+            denominator = global_target_count(task, micro_batches, engine.device)
+            scale = backward_scale(denominator, grad_accum_steps=layout.grad_accum_steps, world_size=info.world_size)
+        else:  # DeepSpeed's mean of the micro batches' means
+            denominator = torch.tensor(layout.grad_accum_steps * info.world_size, device=engine.device)
+        step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)  # this rank's part, summed on device
+        for micro, batch in enumerate(micro_batches):
+            meter.add_micro(batch)
             batch = to_device(batch, engine.device)
-            loss = engine(**batch).loss
+            loss = engine(**batch, loss_reduction="sum").loss if global_mean else engine(**batch).loss
             if faults.active("nan_loss", step=step, rank=info.rank):
                 loss = loss * float("nan")
-            engine.backward(loss)
+            engine.backward(loss * scale if global_mean else loss)
             if micro == 0:
                 faults.kill_if_active("kill_in_step", step=step, rank=info.rank)
-            loss_value = float(loss.detach())
-            guard.add_loss(loss_value)
-            if micro == trainer.grad_accum_steps - 1:
+            step_loss += loss.detach().double()
+            if micro == layout.grad_accum_steps - 1:
                 lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
-                guard.before_update()
+                guard.before_update(step_loss)
             engine.step()
-            meter.add_micro(loss_value, batch)
-        meter.end_step()
+        meter.end_step(step_loss, denominator)
         clean = guard.after_update(step)
         if step % trainer.log_every == 0 or step == stop_at:
             values = meter.flush(lr=lr, grad_norm=engine.get_global_grad_norm(), mfu_of=mfu_of)
@@ -166,18 +177,15 @@ class _NonFiniteGuard:
         self.limit = trainer.max_nonfinite_steps
         self.enabled = trainer.precision != "fp16"
         self.own_check = self.enabled and not hasattr(engine.optimizer, "overflow")
-        self.local_bad = False
         self.run: list[int] = []  # consecutive non-finite steps so far
 
-    def add_loss(self, loss: float) -> None:
-        self.local_bad = self.local_bad or not math.isfinite(loss)
-
-    def before_update(self) -> None:
-        """Call before the engine.step() that ends the step (the accumulation boundary)."""
+    def before_update(self, step_loss: torch.Tensor) -> None:
+        """Call before the engine.step() that ends the step (the accumulation boundary) with this rank's loss of
+        the step. (DeepSpeed's own check sees a non-finite loss in the gradients it leaves.)"""
         if not self.own_check:
             return
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        bad = self.local_bad or not all(bool(torch.isfinite(g).all()) for g in grads)
+        bad = not bool(torch.isfinite(step_loss)) or not all(bool(torch.isfinite(g).all()) for g in grads)
         bad = all_reduce_sum([float(bad)], self.engine.device)[0] > 0
         optimizer = self.engine.optimizer
         optimizer.overflow = bad
@@ -186,7 +194,6 @@ class _NonFiniteGuard:
 
     def after_update(self, step: int) -> bool:
         """Whether the step was applied (always True under fp16, whose skips are the loss scaler's business)."""
-        self.local_bad = False
         if self.own_check:
             vars(self.engine.optimizer).pop("step", None)
         if not self.enabled or self.engine.was_step_applied():
@@ -217,41 +224,50 @@ def _no_update(*args: Any, **kwargs: Any) -> None:
 
 
 class _Meter:
-    """Loss and throughput of the steps since the last log line, summed over ranks when flushed."""
+    """Loss and throughput of the steps since the last log line, reduced over ranks when flushed.
+
+    Each step's loss stays on the device until the flush (no host sync per micro batch): this rank's summed loss
+    and the step's denominator (the global target count, or accumulation x ranks for micro-batch means). The flush
+    sums the steps' losses over ranks in one all-reduce; the logged loss is the mean of the steps' exact losses."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.loss_sum = self.micro_steps = self.tokens = self.samples = self.seconds = 0.0
-        self.steps = 0
+        self.step_losses: list[torch.Tensor] = []
+        self.denominators: list[torch.Tensor] = []
+        self.tokens = self.samples = self.seconds = 0.0
         self._t0 = 0.0
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
-    def add_micro(self, loss: float, batch: dict[str, torch.Tensor]) -> None:
-        self.loss_sum += loss
-        self.micro_steps += 1
+    def add_micro(self, batch: dict[str, torch.Tensor]) -> None:
+        """Count a micro batch (still on the host)."""
         self.tokens += float(batch["attention_mask"].sum())
         self.samples += batch["input_ids"].shape[0]
 
-    def end_step(self) -> None:
+    def end_step(self, step_loss: torch.Tensor, denominator: torch.Tensor) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - self._t0
-        self.steps += 1
+        self.step_losses.append(step_loss)
+        self.denominators.append(denominator)
 
     def flush(self, *, lr: float, grad_norm: Any, mfu_of: Optional[Callable[[float], Optional[float]]]
               ) -> dict[str, float]:
-        loss_sum, micro, tokens, samples = all_reduce_sum(
-            [self.loss_sum, self.micro_steps, self.tokens, self.samples], self.device
-        )
+        steps = len(self.step_losses)
+        totals = torch.cat([torch.stack(self.step_losses).double(),
+                            torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=self.device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        losses = totals[:steps] / torch.stack(self.denominators).double().clamp(min=1)
+        tokens, samples = totals[steps:].tolist()
         seconds = max(self.seconds, 1e-9)
         values = {
-            "loss": loss_sum / micro,
+            "loss": float(losses.mean()),
             "lr": float(lr),
             "tokens_per_s": tokens / seconds,
             "samples_per_s": samples / seconds,
-            "step_time": seconds / self.steps,
+            "step_time": seconds / steps,
         }
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
@@ -260,6 +276,6 @@ class _Meter:
             utilization = mfu_of(values["tokens_per_s"]) if mfu_of is not None else None
             if utilization is not None:
                 values["mfu"] = utilization
-        self.loss_sum = self.micro_steps = self.tokens = self.samples = self.seconds = 0.0
-        self.steps = 0
+        self.step_losses, self.denominators = [], []
+        self.tokens = self.samples = self.seconds = 0.0
         return values

@@ -13,6 +13,7 @@ from finetune.training import checkpoints
 from finetune.training.checkpoints import COMPLETE_MARKER, Checkpointer, checkpoint_complete
 from finetune.training.data_order import DataPosition
 from finetune.training.errors import DiskSpaceError
+from finetune.training.resume import RunLayout
 
 
 class FakeCheckpointEngine:
@@ -36,6 +37,12 @@ class FakeCheckpointEngine:
     def load_checkpoint(self, directory, *, tag):
         self.loaded.append(tag)
         return str(Path(directory) / tag), self.client_states[tag]
+
+
+def resume(checkpointer: Checkpointer, engine: FakeCheckpointEngine):
+    """What the runner does: find the resume point before the engine exists, then load it (None: fresh)."""
+    point = checkpointer.find_resume_point()
+    return None if point is None else checkpointer.resume(engine, point, seed=0)
 
 
 def save_at(checkpointer: Checkpointer, engine: FakeCheckpointEngine, step: int) -> None:
@@ -67,7 +74,7 @@ def test_resume_skips_an_interrupted_save_and_removes_it(tmp_path, capsys):
     # killed between marker and `latest` cannot leave `latest` behind a complete tag for long: simulate it too
     (tmp_path / "latest").write_text("global_step2")
     resumed = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=3)
-    position = resumed.resume(engine)
+    position = resume(resumed, engine)
     assert engine.loaded == ["global_step4"] and position == DataPosition(0, 4)
     assert not (tmp_path / "global_step6").exists()
     assert "global_step6" in capsys.readouterr().out
@@ -81,19 +88,19 @@ def test_resume_ignores_a_damaged_checkpoint_without_deleting_it(tmp_path, capsy
     save_at(ckpt, engine, 2)
     save_at(ckpt, engine, 4)
     (tmp_path / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
-    assert ckpt.resume(engine) == DataPosition(0, 2)
+    assert resume(ckpt, engine) == DataPosition(0, 2)
     assert (tmp_path / "global_step4").is_dir()
     assert "ignoring" in capsys.readouterr().out
 
 
 def test_resume_without_a_complete_checkpoint_starts_fresh(tmp_path):
     engine = FakeCheckpointEngine()
-    assert Checkpointer(tmp_path / "missing", info=DistInfo(0, 1, 0), keep_last=2).resume(engine) is None
+    assert resume(Checkpointer(tmp_path / "missing", info=DistInfo(0, 1, 0), keep_last=2), engine) is None
     (tmp_path / "global_step3").mkdir()  # the first save was interrupted
     (tmp_path / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     (tmp_path / "global_step1").mkdir()
     (tmp_path / "global_step1" / COMPLETE_MARKER).write_text("{}")  # a marker from another tool: not ours
-    assert Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2).resume(engine) is None
+    assert resume(Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2), engine) is None
     assert engine.loaded == [] and not (tmp_path / "global_step3").exists()
 
 
@@ -104,7 +111,9 @@ def test_resume_of_a_run_dir_from_before_completion_markers_trusts_latest(tmp_pa
     engine = FakeCheckpointEngine()
     engine.client_states["global_step4"] = {"position": {"epoch": 0, "batches": 4}, "rng": [rng_state()],
                                            "world_size": 1}
-    assert Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2).resume(engine) == DataPosition(0, 4)
+    # the position was counted in one rank's micro batches then: 4 micro batches of accumulation 2 = 2 steps
+    old = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2, layout=RunLayout(1, 4, 2))
+    assert resume(old, engine) == DataPosition(0, 2)
     assert engine.loaded == ["global_step4"] and (tmp_path / "global_step2").is_dir()
 
 
@@ -141,3 +150,61 @@ def test_save_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
     fresh = Checkpointer(tmp_path / "other", info=DistInfo(0, 1, 0), keep_last=2)
     with pytest.raises(DiskSpaceError, match="estimated from 110 parameters"):
         save_at(fresh, engine, 1)
+
+
+def test_the_marker_records_layout_and_model_and_a_relaunch_reads_them_before_any_engine(tmp_path):
+    layout = RunLayout(world_size=1, micro_batch_size=2, grad_accum_steps=2, zero_stage=2, config_file="z2.json")
+    ckpt = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2, layout=layout, model={"n_layer": 2})
+    save_at(ckpt, FakeCheckpointEngine(), 3)
+    marker = json.loads((tmp_path / "global_step3" / COMPLETE_MARKER).read_text())
+    assert marker["layout"]["grad_accum_steps"] == 2 and marker["model"] == {"n_layer": 2}
+    point = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2).find_resume_point()
+    assert (point.tag, point.step, point.layout, point.model) == ("global_step3", 3, layout, {"n_layer": 2})
+    # a marker from before layouts were recorded still tells the world size
+    marker.pop("layout"), marker.pop("model")
+    (tmp_path / "global_step3" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    point = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2).find_resume_point()
+    assert point.layout == RunLayout(world_size=1) and point.model is None
+
+
+def test_rng_states_come_back_on_the_same_world_size_and_are_reseeded_per_rank_on_another(tmp_path):
+    engine = FakeCheckpointEngine()
+    ckpt = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2)
+    torch.manual_seed(123)
+    save_at(ckpt, engine, 4)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    resume(ckpt, engine)
+    assert torch.equal(torch.rand(3), expected)  # the stream continues where the save left it
+    # the same checkpoint resumed by rank 1 of 2: a stream of its own, from (seed, step, rank)
+    engine.client_states["global_step4"]["world_size"] = 3
+    draws = []
+    for rank in (0, 1, 0):
+        other = Checkpointer(tmp_path, info=DistInfo(rank, 2, rank), keep_last=2)
+        other.resume(engine, Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=2).find_resume_point(),
+                     seed=7)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    assert checkpoints.resume_seed(7, 4, 0) != checkpoints.resume_seed(7, 4, 1) != checkpoints.resume_seed(8, 4, 1)
+
+
+def test_a_universal_copy_is_pruned_with_its_original(tmp_path):
+    ckpt = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=1)
+    engine = FakeCheckpointEngine()
+    save_at(ckpt, engine, 2)
+    (tmp_path / "global_step2_universal" / "zero").mkdir(parents=True)
+    save_at(ckpt, engine, 4)
+    (tmp_path / "global_step4_universal").mkdir()
+    save_at(ckpt, engine, 6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["global_step6"]
+
+
+def test_step_counters_shared_by_a_universal_load_are_unshared():
+    # DeepSpeed's ZeRO-3 universal loader hands both parameter groups one `step` tensor; torch's Adam would then
+    # count every step twice (tests/integration/test_elastic_resume.py fails on ZeRO-3 without this).
+    shared = torch.tensor(6.0)
+    state = {"weights": {"step": shared, "exp_avg": torch.zeros(2)}, "biases": {"step": shared}}
+    checkpoints._unshare_step_counters(SimpleNamespace(basic_optimizer=SimpleNamespace(state=state)))
+    assert state["weights"]["step"] is not state["biases"]["step"]
+    state["weights"]["step"] += 1
+    assert float(state["weights"]["step"]) == 7.0 and float(state["biases"]["step"]) == 6.0

@@ -34,8 +34,7 @@ GUARD_SCRIPT = textwrap.dedent("""
         before = [p.detach().clone() for p in engine.module.parameters()]
         loss = engine(x).pow(2).mean() * (float("nan") if step >= 4 else 1.0)
         engine.backward(loss)
-        guard.add_loss(float(loss))
-        guard.before_update()
+        guard.before_update(loss.detach())
         engine.step()
         report[step] = {
             "applied": guard.after_update(step),
