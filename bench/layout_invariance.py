@@ -76,8 +76,8 @@ def instruction_rows(path: Path, rows: int = 512) -> None:
 def overrides_for(model: dict, *, device: str, data: Path) -> list[str]:
     shape = ",".join(f"{key}:{value}" for key, value in model.items())
     return ["logger=none", "task=clm", "model=tiny", f"model.overrides={{{shape}}}",
-            f"data.train_file={data}", f"data.validation_file={data}", "+data.prompt_column=prompt",
-            "+data.response_column=response", "data.packing=false", "data.max_seq_len=128",
+            f"data.train_file={data}", f"data.validation_file={data}", "data.prompt_column=prompt",
+            "data.response_column=response", "data.packing=false", "data.max_seq_len=128",
             f"trainer.precision={'bf16' if device == 'cuda' else 'fp32'}", "trainer.log_every=1",
             "trainer.eval_every=0", "trainer.eval_at_end=false", "trainer.save_every=0",
             "deepspeed.check_memory=false", "scheduler=constant", "scheduler.warmup_steps=1"]

@@ -36,7 +36,7 @@ def common(data: Path) -> tuple[str, ...]:
             "trainer.keep_last=3", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_at_end=false",
             "trainer.seed=5", "optim.lr=1e-3", "optim.weight_decay=0.1", "scheduler=linear",
             "scheduler.warmup_steps=2", "deepspeed.check_memory=false", f"data.train_file={data}",
-            f"data.validation_file={data}", "+data.prompt_column=prompt", "+data.response_column=response",
+            f"data.validation_file={data}", "data.prompt_column=prompt", "data.response_column=response",
             "data.packing=false", "data.max_seq_len=128")
 
 

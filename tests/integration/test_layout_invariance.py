@@ -26,7 +26,7 @@ def layout_runs(run_ranks, tmp_path_factory):
     clm_file = instruction_data(root / "instructions.jsonl")
     tasks = {
         "clm": ("task=clm", f"data.train_file={clm_file}", f"data.validation_file={clm_file}",
-                "+data.prompt_column=prompt", "+data.response_column=response", "data.packing=false",
+                "data.prompt_column=prompt", "data.response_column=response", "data.packing=false",
                 "data.max_seq_len=128"),
         "cls": ("task=cls",),
         "qa": ("task=qa",),
