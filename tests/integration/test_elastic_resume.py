@@ -95,7 +95,7 @@ def elastic(run_ranks, tmp_path_factory):
         {"run_dir": str(dirs["bad/split"]), "overrides": [*common(data), *CONFIGS["zero3"],
                                                         "trainer.micro_batch_size=3", "trainer.grad_accum_steps=1"]},
         {"run_dir": str(dirs["bad/model"]), "overrides": [*common(data), *CONFIGS["zero2"], *two_rank_args,
-                                                        "model.overrides={n_layer:3}"]},
+                                                        "+model.overrides.n_layer=3"]},
     ]
     results["2b"] = run_jobs(run_ranks, root / "launch_2b", runs, world=2)
     return dirs, results
