@@ -20,10 +20,19 @@ from finetune.distributed import DistInfo
 from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model
 from finetune.model.gptj import init_module_weights
 from finetune.model.tokenizer import GPTJTokenizer
+from finetune.planning.choice import largest_parameter_numel, offload_estimate
 from finetune.tasks import Task, get_task
+from finetune.training import nvme
 from finetune.training.checkpoints import Checkpointer
 from finetune.training.data_order import total_optimizer_steps
-from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
+from finetune.training.engine import (
+    build_ds_config,
+    initialize,
+    load_ds_json,
+    nvme_swap_dirs,
+    offload_devices,
+    zero_stage,
+)
 from finetune.training.errors import RankFailureError, TrainingError
 from finetune.training.evaluation import write_eval_results
 from finetune.training.loop import LoopResult, train
@@ -207,8 +216,9 @@ def run(cfg: Any) -> Optional[LoopResult]:
     task = get_task(run_cfg.task)
     info = distributed.init_distributed(collective_timeout_s=run_cfg.trainer.collective_timeout_s)
     group_alive = True
+    at_end = contextlib.ExitStack()  # after the last barrier: removes the run's NVMe swap directory
     try:
-        return _run(run_cfg, task, info)
+        return _run(run_cfg, task, info, at_end)
     except TrainingError as err:  # the loop's own stop (non-finite loss, disk full, a rank gone): no traceback
         group_alive = not isinstance(err, RankFailureError)
         if info.is_main or not group_alive:  # the ranks agree on the others: rank 0 says it once
@@ -219,9 +229,10 @@ def run(cfg: Any) -> Optional[LoopResult]:
         # point in this process, and destroying then re-creating the group on the same port hangs.
         if group_alive:
             distributed.barrier()
+        at_end.close()
 
 
-def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
+def _run(run: RunConfig, task: Task, info: DistInfo, at_end: contextlib.ExitStack) -> LoopResult:
     from deepspeed.accelerator import get_accelerator
 
     from finetune.logging import RunLogger, mfu, peak_flops_for_device
@@ -231,16 +242,26 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
     if info.is_main:
         print(f"Run dir: {run_dir}", flush=True)
     distributed.seed_everything(run.trainer.seed)
+    swap_subdir = nvme.swap_subdir(run_dir)
+    if run.deepspeed.nvme_path and info.local_rank == 0:  # a killed launch's swap files would count as used space
+        shutil.rmtree(Path(run.deepspeed.nvme_path) / swap_subdir, ignore_errors=True)
     base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir)
+    largest_param = largest_parameter_numel(model_config(run, {}), task=run.task)
 
     def ds_config_for(total_steps: int) -> dict[str, Any]:
         return build_ds_config(
             base, source=source, trainer=run.trainer, optim=run.optim, scheduler=run.scheduler,
             world_size=info.world_size, total_steps=total_steps, nvme_path=run.deepspeed.nvme_path,
-            accelerator=get_accelerator().device_name(),
+            swap_subdir=swap_subdir, largest_param_numel=largest_param, accelerator=get_accelerator().device_name(),
         )
 
-    ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    first = ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    if nvme_swap_dirs(first):  # checked, emptied and created now; removed at the end
+        per_node = nvme.ranks_on_this_host()
+        estimate = offload_estimate(run, model_config(run, {}), first, world_size=info.world_size,
+                                    ranks_per_node=per_node)
+        swap_dirs = nvme.prepare_swap_dirs(nvme_swap_dirs(first), estimate, ranks_per_node=per_node, info=info)
+        at_end.callback(nvme.remove_swap_dirs, swap_dirs, info=info)
     tokenizer = GPTJTokenizer.from_pretrained(_tokenizer_source(run))
     with distributed.main_process_first(info):
         data = task.load_data(run.data, tokenizer)
