@@ -496,15 +496,22 @@ def estimate(
     return Estimate(option, tuple(items), capacity)
 
 
-def largest_sub_group(numels: Iterable[int], sub_group_size: int) -> int:
-    """Elements of the largest optimizer sub-group: DeepSpeed's ZeRO-3 closes a sub-group once its partitions
-    reach sub_group_size, so one can exceed it by a tensor (GPT-J's embedding alone on one GPU)."""
-    largest = current = 0
-    for n in numels:
+def sub_group_numels(numels: Iterable[int], sub_group_size: int) -> list[int]:
+    """Elements of each optimizer sub-group of one param group, from its parameters' partitions in order: DeepSpeed's
+    ZeRO-3 closes a sub-group once it reaches sub_group_size, so one can exceed it by a tensor."""
+    groups, current = [], 0
+    numels = list(numels)
+    for i, n in enumerate(numels):
         current += n
-        if current >= sub_group_size:
-            largest, current = max(largest, current), 0
-    return max(largest, current)
+        if current >= sub_group_size or i == len(numels) - 1:
+            groups.append(current)
+            current = 0
+    return groups
+
+
+def largest_sub_group(numels: Iterable[int], sub_group_size: int) -> int:
+    """Elements of the largest optimizer sub-group (GPT-J's embedding alone on one GPU exceeds 1e8)."""
+    return max(sub_group_numels(numels, sub_group_size), default=0)
 
 
 def _add_nvme_host_buffers(add: Callable[..., None], tensors: list[ParamTensor], option: Option,

@@ -313,4 +313,22 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: flo
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=config, lr_scheduler=scheduler
     )
+    if engine.zero_nvme_offload_optimizer():
+        _complete_nvme_resumes(engine)
     return engine
+
+
+def _complete_nvme_resumes(engine) -> None:
+    """Every load_checkpoint of this engine also restores what DeepSpeed's NVMe resume skips (see
+    finetune.training.nvme.complete_resume); without it a resumed run's loss departs from the uninterrupted one."""
+    from finetune.training.nvme import complete_resume
+
+    load = engine.load_checkpoint
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        path, client_state = load(load_dir, tag=tag, **kwargs)
+        if path is not None and kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only"):
+            complete_resume(engine, load_dir, tag or (Path(load_dir) / "latest").read_text().strip())
+        return path, client_state
+
+    engine.load_checkpoint = load_checkpoint

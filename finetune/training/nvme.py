@@ -15,18 +15,21 @@ a locked-memory limit below DeepSpeed's pinned swap buffers, and a DeepSpeed tha
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import mmap
 import os
 import resource
 import shutil
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from finetune import distributed
 from finetune.config import ConfigError
 from finetune.distributed import DistInfo
+from finetune.model.hf_weights import CheckpointError
 from finetune.planning.estimate import Estimate, GiB
 
 SWAP_PREFIX = "finetune-swap-"
@@ -189,3 +192,129 @@ def remove_swap_dirs(dirs: list[Path], *, info: DistInfo, report: bool = True) -
                   f"{usage['parameters'] / GiB:.3f} GiB, optimizer states and gradients "
                   f"{usage['optimizer'] / GiB:.3f} GiB); removed.", flush=True)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- resuming ---------------------------------------------------------------------------------------
+def complete_resume(engine, load_dir: str, tag: str) -> None:
+    """Restore what DeepSpeed's NVMe resume leaves out (a collective: every rank calls it after load_checkpoint).
+
+    With the optimizer on NVMe, DeepSpeed (0.16 to at least 0.19) resumes by copying the checkpoint's swap files
+    (offloaded_tensors/) back into the swap folder and skips the rank's *_optim_states.pt. It then reads back only
+    the fp32 master weights: the learning rate stays at its initial value until the schedule's next step, Adam's
+    moments restart from zero and its step count from 0 (the files of the moments sit there unread until the next
+    step overwrites them), and sub-groups too small to swap (under 1 MiB of fp32, e.g. GPT-J's LayerNorm gains and
+    biases on 4 or more ranks) restart from the initial model. Here the param groups get their saved settings, the
+    swapped sub-groups their step count and their moments registered with the swapper (the next step reads them
+    from their files), and the small ones master weights, moments and step from the rank's optim_states file.
+    """
+    import torch
+
+    optimizer = engine.optimizer
+    saved = torch.load(engine._get_zero_ckpt_name(load_dir, tag), map_location="cpu", weights_only=False)
+    saved = saved["optimizer_state_dict"]
+    saved_state = saved["optimizer_state_dict"]["state"]
+    index = _saved_state_index(optimizer)
+    for group, saved_group in zip(optimizer.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})  # the scheduled lr, betas, ...
+    optimizer.checkpoint_event_prologue()  # every parameter back to its partition before touching them
+    for sub_group, fp32 in enumerate(optimizer.fp32_partitioned_groups_flat):
+        state = saved_state.get(index[sub_group], {})
+        live = optimizer.optimizer.state[fp32]
+        if optimizer._swappable_optimizer_subgroup(sub_group):
+            _register_swapped_moments(optimizer, fp32, state, optimizer.fp16_partitioned_groups_flat_numel[sub_group])
+            continue
+        fp32.data.copy_(saved["fp32_flat_groups"][sub_group])
+        for key, value in state.items():  # the optimizer creates them at its first step: often not there yet
+            if torch.is_tensor(live.get(key)) and torch.is_tensor(value):
+                live[key].copy_(value)
+            else:
+                live[key] = value.clone() if torch.is_tensor(value) else value
+        optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)  # the 16-bit copy forward reads
+    optimizer.checkpoint_event_epilogue()  # re-gather the persistent (small, always gathered) parameters
+
+
+def _register_swapped_moments(optimizer, fp32, state: dict, numel: int) -> None:
+    """Adam's state of a swapped sub-group, as the swapper keeps it between steps: tensors without memory whose
+    swap files (exp_avg-<id>.tensor.swp, ...) the next swap-in reads."""
+    import torch
+
+    live = optimizer.optimizer.state[fp32]
+    swapper = optimizer.optimizer_swapper
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            live[key] = value  # the step count
+            continue
+        path = Path(swapper.swap_folder) / f"{key}-{fp32.ds_id}.tensor.swp"
+        if not path.is_file():
+            raise ConfigError(f"The NVMe checkpoint lacks {path.name} (Adam's {key}); it cannot resume exactly. "
+                              "Resume from another checkpoint, or start the run over.")
+        live[key] = torch.empty(numel, dtype=fp32.dtype)  # never written: no memory until the swap-in fills it
+    swap_info = swapper._get_param_swap_info(fp32)  # registers the tensors of `live` under their file names
+    swap_info.release_memory()
+
+
+def _saved_state_index(optimizer) -> dict[int, int]:
+    """Sub-group -> its key in the saved base optimizer state: torch numbers parameters in param_groups order, and
+    DeepSpeed's ZeRO-3 fills each param group with its sub-groups' fp32 partitions before saving."""
+    optimizer._set_fp32_optimizer_param_groups()
+    try:
+        position = {}
+        for group in optimizer.optimizer.param_groups:
+            for param in group["params"]:
+                position[id(param)] = len(position)
+        return {i: position[id(fp32)] for i, fp32 in enumerate(optimizer.fp32_partitioned_groups_flat)}
+    finally:
+        optimizer._clear_fp32_optimizer_param_groups()
+
+
+# --- exporting --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def offloaded_master_weights(tag_dir: Path) -> Iterator[None]:
+    """Within it, DeepSpeed's zero_to_fp32 reads an NVMe checkpoint: the fp32 master weights of the sub-groups the
+    optimizer swapped are not in the ranks' *_optim_states.pt (empty tensors there) but in
+    offloaded_tensors/rank<NN>/<ds_id>.tensor.swp, raw fp32 padded to the I/O alignment. They are memory-mapped,
+    so a lazy consolidation still reads one output shard's worth at a time. No effect on other checkpoints."""
+    offloaded = Path(tag_dir) / "offloaded_tensors"
+    if not offloaded.is_dir():
+        yield
+        return
+    from unittest import mock
+
+    from deepspeed.utils import zero_to_fp32
+
+    parse = zero_to_fp32.parse_optim_states
+
+    def parse_with_offloaded(files, ds_checkpoint_dir):
+        stage, world_size, fp32_flat_groups, *rest = parse(files, ds_checkpoint_dir)
+        _fill_offloaded_groups(fp32_flat_groups, Path(ds_checkpoint_dir), files[0])
+        return (stage, world_size, fp32_flat_groups, *rest)
+
+    with mock.patch.object(zero_to_fp32, "parse_optim_states", parse_with_offloaded):
+        yield
+
+
+def _fill_offloaded_groups(fp32_flat_groups: list, tag_dir: Path, optim_file: str) -> None:
+    import torch
+
+    from finetune.planning.estimate import sub_group_numels
+
+    model_file = next(iter(sorted(tag_dir.glob("*model_states.pt"))))
+    param_shapes = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)["param_shapes"]
+    config = torch.load(optim_file, map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
+    sub_group_size = int((config.get("zero_optimization") or {}).get("sub_group_size", 10**9))
+    world = len(fp32_flat_groups)
+    numels = [n for group in param_shapes
+              for n in sub_group_numels([math.ceil(math.prod(s) / world) for s in group.values()], sub_group_size)]
+    rank_dirs = {int(p.name.removeprefix("rank")): p for p in (tag_dir / "offloaded_tensors").iterdir()}
+    for rank, groups in enumerate(fp32_flat_groups):
+        if len(groups) != len(numels):
+            raise CheckpointError(f"{tag_dir}: rank {rank} saved {len(groups)} optimizer sub-groups but its parameter "
+                                  f"shapes make {len(numels)}; the checkpoint is inconsistent.")
+        for i, tensor in enumerate(groups):
+            if tensor.numel() or not numels[i]:
+                continue
+            path = rank_dirs[rank] / f"{tensor.ds_id}.tensor.swp"
+            if not path.is_file() or path.stat().st_size < 4 * numels[i]:
+                raise CheckpointError(f"{path} is missing or short: this NVMe checkpoint lacks rank {rank}'s fp32 "
+                                      "weights; export another checkpoint.")
+            groups[i] = torch.from_file(str(path), shared=False, size=numels[i], dtype=torch.float32)
