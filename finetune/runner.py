@@ -20,19 +20,12 @@ from finetune.distributed import DistInfo
 from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model
 from finetune.model.gptj import init_module_weights
 from finetune.model.tokenizer import GPTJTokenizer
-from finetune.planning.choice import largest_parameter_numel, offload_estimate
+from finetune.planning.choice import largest_parameter_numel
 from finetune.tasks import Task, get_task
 from finetune.training import nvme
 from finetune.training.checkpoints import Checkpointer
 from finetune.training.data_order import total_optimizer_steps
-from finetune.training.engine import (
-    build_ds_config,
-    initialize,
-    load_ds_json,
-    nvme_swap_dirs,
-    offload_devices,
-    zero_stage,
-)
+from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
 from finetune.training.errors import RankFailureError, TrainingError
 from finetune.training.evaluation import write_eval_results
 from finetune.training.loop import LoopResult, train
@@ -243,8 +236,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo, at_end: contextlib.ExitStac
         print(f"Run dir: {run_dir}", flush=True)
     distributed.seed_everything(run.trainer.seed)
     swap_subdir = nvme.swap_subdir(run_dir)
-    if run.deepspeed.nvme_path and info.local_rank == 0:  # a killed launch's swap files would count as used space
-        shutil.rmtree(Path(run.deepspeed.nvme_path) / swap_subdir, ignore_errors=True)
+    nvme.clear_stale(run.deepspeed.nvme_path, swap_subdir, info=info)  # before the planner measures free space
     base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir)
     largest_param = largest_parameter_numel(model_config(run, {}), task=run.task)
 
@@ -256,12 +248,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, at_end: contextlib.ExitStac
         )
 
     first = ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
-    if nvme_swap_dirs(first):  # checked, emptied and created now; removed at the end
-        per_node = nvme.ranks_on_this_host()
-        estimate = offload_estimate(run, model_config(run, {}), first, world_size=info.world_size,
-                                    ranks_per_node=per_node)
-        swap_dirs = nvme.prepare_swap_dirs(nvme_swap_dirs(first), estimate, ranks_per_node=per_node, info=info)
-        at_end.callback(nvme.remove_swap_dirs, swap_dirs, info=info)
+    swap_dirs = nvme.prepare_for_run(run, first, model_config(run, {}), info=info)  # [] without NVMe offload
+    at_end.callback(nvme.remove_swap_dirs, swap_dirs, info=info)
     tokenizer = GPTJTokenizer.from_pretrained(_tokenizer_source(run))
     with distributed.main_process_first(info):
         data = task.load_data(run.data, tokenizer)

@@ -33,7 +33,8 @@ if have_libaio; then
     exit 0
 fi
 if ! command -v "${CC:-cc}" > /dev/null; then
-    echo "libaio: no C compiler (${CC:-cc}); DeepSpeed needs one to build its ops (Debian: apt-get install -y build-essential)" >&2
+    echo "libaio: no C compiler (${CC:-cc}); DeepSpeed needs one to build its ops" \
+         "(Debian: apt-get install -y build-essential)" >&2
     $require && exit 1
     exit 0
 fi

@@ -191,6 +191,7 @@ class ZeroBuffers:
     param_swap_buffer_size: Optional[int] = None
     param_max_in_cpu: int = 1_000_000_000  # parameter elements per rank kept in host memory under NVMe offload
     optimizer_swap_buffer_count: int = 4
+    grad_accum_dtype: Optional[str] = None  # data_types.grad_accum_dtype (fp32 | bf16 | fp16); None: the precision's
 
 
 def zero_buffers_from_ds_config(ds_config: Mapping) -> ZeroBuffers:
@@ -217,6 +218,7 @@ def zero_buffers_from_ds_config(ds_config: Mapping) -> ZeroBuffers:
         param_swap_buffer_size=_int_or_none(get(param, "buffer_size", "param_swap_buffer_size")),
         param_max_in_cpu=int(get(param, "max_in_cpu", "param_max_in_cpu")),
         optimizer_swap_buffer_count=int(get(opt, "buffer_count", "optimizer_swap_buffer_count")),
+        grad_accum_dtype=get(ds_config.get("data_types") or {}, "grad_accum_dtype", "grad_accum_dtype"),
     )
 
 
@@ -448,8 +450,10 @@ def estimate(
         held = zero2_gradient_partition((t.numel for t in tensors if t.trainable), N)
         place("gradients", "gpu", b * held, "b·(Pt/N + whole gradients of parameters straddling the partition edges)")
     elif stage == 3:
-        # DeepSpeed keeps the reduced gradient partitions where the optimizer runs.
-        place("gradients", "gpu" if opt_dev == "none" else "cpu", b * Pt / N, "b·Pt/N")
+        # DeepSpeed keeps the reduced gradient partitions where the optimizer runs, in data_types.grad_accum_dtype.
+        grad_b = PRECISION_BYTES.get(buffers.grad_accum_dtype or run.precision, b)
+        place("gradients", "gpu" if opt_dev == "none" else "cpu", grad_b * Pt / N,
+              "b·Pt/N" if grad_b == b else f"{grad_b}·Pt/N (grad_accum_dtype {buffers.grad_accum_dtype})")
 
     # Optimizer: fp32 master weights and Adam's two moments. Plain fp32 DDP updates the weights
     # themselves; every ZeRO stage keeps an fp32 copy of its partition even in fp32.
@@ -474,11 +478,13 @@ def estimate(
         add("CUDA context, NCCL, allocator reserve", "gpu", "persistent", "overhead", CUDA_CONTEXT_BYTES, "fixed")
 
     # Host: the processes themselves, pinned-allocation slack and the model load.
-    process, process_f = (HOST_PROCESS_BYTES, "g x 3 GiB") if on_gpus else (CPU_ACCELERATOR_PROCESS_BYTES, "g x 0.5 GiB")
+    process, process_f = (
+        (HOST_PROCESS_BYTES, "g x 3 GiB") if on_gpus else (CPU_ACCELERATOR_PROCESS_BYTES, "g x 0.5 GiB"))
     add("host process (Python, torch, CUDA libs)", "cpu", "persistent", "overhead", g * process, process_f)
     pinned = sum(i.bytes for i in items if i.device == "cpu" and i.category == "model_states")
     if stage == 3 and "nvme" in (par_dev, opt_dev):
-        _add_nvme_host_buffers(add, tensors, option, buffers, b=b, N=N, g=g, swapped=swapped)
+        grad_b = PRECISION_BYTES.get(buffers.grad_accum_dtype or run.precision, b)
+        _add_nvme_host_buffers(add, tensors, option, buffers, grad_b=grad_b, N=N, g=g, swapped=swapped, b=b)
     if on_gpus:
         add("pinned-allocation slack", "cpu", "persistent", "overhead", PINNED_SLACK * pinned,
             "0.5 x pinned host bytes")
@@ -515,7 +521,7 @@ def largest_sub_group(numels: Iterable[int], sub_group_size: int) -> int:
 
 
 def _add_nvme_host_buffers(add: Callable[..., None], tensors: list[ParamTensor], option: Option,
-                           buffers: ZeroBuffers, *, b: int, N: int, g: int, swapped: int) -> None:
+                           buffers: ZeroBuffers, *, b: int, grad_b: int, N: int, g: int, swapped: int) -> None:
     """Host memory of ZeRO-Infinity: page-locked swap buffers and the gradients' fp32 copies before their swap."""
     trainable = [math.ceil(t.numel / N) for t in tensors if t.trainable]
     group = largest_sub_group(trainable, buffers.sub_group_size)
@@ -525,16 +531,16 @@ def _add_nvme_host_buffers(add: Callable[..., None], tensors: list[ParamTensor],
             g * buffers.param_swap_buffer_count * size * b,
             "g x buffer_count·buffer_size·b (buffer_size auto: the largest partition)")
         if swapped:  # the updated 16-bit partitions of one sub-group go out through it after the step
-            add("NVMe swap buffers: 16-bit sub-group staging (pinned)", "cpu", "persistent", "buffers",
+            add("NVMe swap buffers: 16-bit staging (pinned)", "cpu", "persistent", "buffers",
                 g * group * b, "g x b·largest sub-group")
     if option.offload_optimizer == "nvme":
         add("NVMe swap buffers: optimizer states (pinned)", "cpu", "persistent", "buffers",
             g * buffers.optimizer_swap_buffer_count * group * 4, "g x buffer_count·4·largest sub-group")
-        if b < 4:  # at the accumulation boundary every gradient partition is cast to fp32 before the swap-out
+        if grad_b < 4:  # at the accumulation boundary every 16-bit gradient partition is cast to fp32 at once
             add("fp32 gradient copies before their swap-out", "cpu", "optimizer_step", "buffers",
-                g * 4 * sum(trainable), "g x 4·Pt/N")
+                g * 4 * sum(trainable), "g x 4·Pt/N (none with data_types.grad_accum_dtype fp32)")
         if swapped:
-            add("optimizer init (one fp32 sub-group read back from NVMe)", "cpu", "load", "buffers",
+            add("optimizer init: one fp32 sub-group", "cpu", "load", "buffers",
                 g * 4 * group, "g x 4·largest sub-group")
 
 

@@ -24,10 +24,10 @@ import resource
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from finetune import distributed
-from finetune.config import ConfigError
+from finetune.config import ConfigError, RunConfig
 from finetune.distributed import DistInfo
 from finetune.model.hf_weights import CheckpointError
 from finetune.planning.estimate import Estimate, GiB
@@ -59,7 +59,7 @@ def check_nvme_path(nvme_path: Path) -> Optional[str]:
 
 
 def make_swap_dir(swap_dir: Path) -> Optional[str]:
-    """Empty and create `swap_dir`, then write one block with O_DIRECT as DeepSpeed's async I/O will; why not, or None."""
+    """Empty and create `swap_dir`, then write a block with O_DIRECT as DeepSpeed's async I/O will; why not, or None."""
     try:
         shutil.rmtree(swap_dir, ignore_errors=True)  # a killed run's files: stale, and they take the space
         swap_dir.mkdir()
@@ -116,6 +116,25 @@ def async_io_problem() -> Optional[str]:
     if builder is not None and builder.is_compatible(verbose=False):
         return None
     return f"NVMe offload needs DeepSpeed's async_io op, which cannot be built here (libaio not found): {LIBAIO_FIX}."
+
+
+def clear_stale(nvme_path: Optional[str], subdir: str, *, info: DistInfo) -> None:
+    """Remove what a killed launch of this run dir left in its swap directory (one rank per node)."""
+    if nvme_path and info.local_rank == 0:
+        shutil.rmtree(Path(nvme_path).expanduser() / subdir, ignore_errors=True)
+
+
+def prepare_for_run(run: RunConfig, ds_config: dict, model: Any, *, info: DistInfo) -> list[Path]:
+    """The swap directories of a filled DeepSpeed config, checked and created (a collective); [] without NVMe."""
+    from finetune.planning.choice import offload_estimate
+    from finetune.training.engine import nvme_swap_dirs
+
+    swap_dirs = nvme_swap_dirs(ds_config)
+    if not swap_dirs:
+        return []
+    per_node = ranks_on_this_host()
+    estimate = offload_estimate(run, model, ds_config, world_size=info.world_size, ranks_per_node=per_node)
+    return prepare_swap_dirs(swap_dirs, estimate, ranks_per_node=per_node, info=info)
 
 
 def prepare_swap_dirs(swap_dirs: dict[str, Path], estimate: Estimate, *, ranks_per_node: int,

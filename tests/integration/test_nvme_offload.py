@@ -60,7 +60,8 @@ def test_nvme_trains_like_cpu_offload_checkpoints_and_resumes(launch, tmp_path, 
     from finetune.tools.export import export_checkpoint
 
     exported = export_checkpoint(resumed.run_dir / "checkpoints", tmp_path / "exported", dtype="fp32")
-    master, final = load_file(exported / "model.safetensors"), load_file(resumed.run_dir / "final" / "model.safetensors")
+    master = load_file(exported / "model.safetensors")
+    final = load_file(resumed.run_dir / "final" / "model.safetensors")
     assert master.keys() == final.keys()
     for name, weight in final.items():
         assert torch.equal(master[name].to(torch.bfloat16).float(), weight.float()), name

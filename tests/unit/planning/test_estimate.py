@@ -307,12 +307,19 @@ def test_nvme_host_buffers_for_gptj_on_one_gpu():
     group = largest_sub_group([t.numel for t in parameter_tensors(GPTJ_6B)], NVME_JSON.sub_group_size)
     assert embedding < group < embedding + NVME_JSON.sub_group_size
     assert items["NVMe swap buffers: optimizer states (pinned)"] == 4 * 4 * group
-    assert items["NVMe swap buffers: 16-bit sub-group staging (pinned)"] == 2 * group
+    assert items["NVMe swap buffers: 16-bit staging (pinned)"] == 2 * group
     P = count_parameters(GPTJ_6B)
-    assert items["gradients"] == 2 * P  # the bf16 gradient partitions stay in host memory
-    assert items["fp32 gradient copies before their swap-out"] == 4 * P  # cast all at once before the swap-out
-    assert "pinned-allocation slack" in items  # only torch-pinned model states, not DeepSpeed's mlocked buffers
-    assert items["pinned-allocation slack"] == PINNED_SLACK * (items["gradients"] + items["parameters kept in host memory"])
+    assert items["gradients"] == 4 * P  # accumulated in fp32 (data_types.grad_accum_dtype) in host memory
+    assert "fp32 gradient copies before their swap-out" not in items
+    pinned = items["gradients"] + items["parameters kept in host memory"]
+    assert items["pinned-allocation slack"] == PINNED_SLACK * pinned
+    # Accumulated in bf16, DeepSpeed casts every partition to fp32 at once before swapping them out: 2 + 4 bytes.
+    bf16 = estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=1, nvme_gb=4000), NVME,
+                    buffers=replace(NVME_JSON, grad_accum_dtype=None))
+    items = {i.name: i for i in bf16.items if i.device == "cpu"}
+    assert items["gradients"].bytes == 2 * P
+    copies = items["fp32 gradient copies before their swap-out"]
+    assert (copies.bytes, copies.phase) == (4 * P, "optimizer_step")
 
 
 def test_largest_sub_group_follows_deepspeed():
