@@ -9,6 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: venv demo test clean
 
 $(BIN)/.installed: pyproject.toml
+	@bash scripts/libaio.sh  # NVMe offload's system library: installed when root, else the command to run
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	    echo "Using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \

@@ -22,7 +22,9 @@ from finetune.distributed import DistInfo
 from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model
 from finetune.model.gptj import init_module_weights
 from finetune.model.tokenizer import GPTJTokenizer
+from finetune.planning.choice import largest_parameter_numel
 from finetune.tasks import Task, get_task
+from finetune.training import nvme
 from finetune.training.checkpoints import Checkpointer
 from finetune.training.data_order import total_optimizer_steps
 from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
@@ -256,8 +258,9 @@ def run(cfg: Any, *, run_dir: Optional[Path] = None) -> Optional[LoopResult]:
     task = get_task(run_cfg.task)
     info = distributed.init_distributed(collective_timeout_s=run_cfg.trainer.collective_timeout_s)
     group_alive = True
+    at_end = contextlib.ExitStack()  # after the last barrier: removes the run's NVMe swap directory
     try:
-        return _run(run_cfg, task, info, run_dir or hydra_run_dir())
+        return _run(run_cfg, task, info, run_dir or hydra_run_dir(), at_end)
     except TrainingError as err:  # the loop's own stop (non-finite loss, disk full, a rank gone): no traceback
         group_alive = not isinstance(err, RankFailureError)
         if info.is_main or not group_alive:  # the ranks agree on the others: rank 0 says it once
@@ -268,9 +271,10 @@ def run(cfg: Any, *, run_dir: Optional[Path] = None) -> Optional[LoopResult]:
         # point in this process, and destroying then re-creating the group on the same port hangs.
         if group_alive:
             distributed.barrier()
+        at_end.close()
 
 
-def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path) -> LoopResult:
+def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: contextlib.ExitStack) -> LoopResult:
     from deepspeed.accelerator import get_accelerator
 
     from finetune.logging import RunLogger, mfu, peak_flops_for_device
@@ -280,6 +284,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path) -> LoopR
     if info.is_main:
         print(f"Run dir: {run_dir}", flush=True)
     distributed.seed_everything(run.trainer.seed)
+    swap_subdir = nvme.swap_subdir(run_dir)
+    nvme.clear_stale(run.deepspeed.nvme_path, swap_subdir, info=info)  # before the planner measures free space
     checkpointer = Checkpointer(run_dir / "checkpoints", info=info, keep_last=run.trainer.keep_last)
     # Read before anything is built: the layout and model of the checkpoint decide the batch split and whether
     # it needs converting, and a mismatch is refused here rather than deep inside DeepSpeed's loader.
@@ -291,15 +297,18 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path) -> LoopR
         run = dataclasses.replace(run, trainer=trainer)
     base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir, world_size=info.world_size,
                                   resuming=point.layout if point is not None else None)
+    largest_param = largest_parameter_numel(model_config(run, {}), task=run.task)
 
     def ds_config_for(total_steps: int) -> dict[str, Any]:
         return build_ds_config(
             base, source=source, trainer=run.trainer, optim=run.optim, scheduler=run.scheduler,
             world_size=info.world_size, total_steps=total_steps, nvme_path=run.deepspeed.nvme_path,
-            accelerator=get_accelerator().device_name(),
+            swap_subdir=swap_subdir, largest_param_numel=largest_param, accelerator=get_accelerator().device_name(),
         )
 
-    ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    first = ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    swap_dirs = nvme.prepare_for_run(run, first, model_config(run, {}), info=info)  # [] without NVMe offload
+    at_end.callback(nvme.remove_swap_dirs, swap_dirs, info=info)
     tokenizer = GPTJTokenizer.from_pretrained(_tokenizer_source(run))
     with distributed.main_process_first(info):
         data = task.load_data(run.data, tokenizer)

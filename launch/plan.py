@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError, RunConfig, check_overrides_apply, parse_config  # noqa: E402
-from finetune.planning.choice import model_shape, run_shape  # noqa: E402
+from finetune.planning.choice import auto_candidates, model_shape, run_shape  # noqa: E402
 from finetune.planning.estimate import (  # noqa: E402
     Cluster,
     ModelShape,
+    Option,
     RunShape,
     ZeroBuffers,
     format_table,
@@ -40,7 +41,7 @@ class PlanInputs:
     shape: ModelShape
     run: RunShape
     cluster: Cluster
-    buffers: dict[int, ZeroBuffers]
+    buffers: dict[int | Option, ZeroBuffers]
     margin: float
     format: str
     run_config: RunConfig
@@ -62,7 +63,10 @@ def plan_inputs(cfg: DictConfig) -> PlanInputs:
     cluster = Cluster(**{f.name: cfg.cluster[f.name] for f in fields(Cluster)})
     if cfg.plan.format not in ("table", "json"):
         raise ConfigError(f"plan.format is {cfg.plan.format!r}; use table or json.")
+    # Per ZeRO stage from plan.ds_configs; the options a shipped config stands for use that config's own settings
+    # (the NVMe option: ds_configs/zero3_nvme.json's swap buffers, sub-groups and max_in_cpu).
     buffers = _ds_buffers(OmegaConf.to_container(cfg.plan.ds_configs))
+    buffers.update({option: settings for _, option, settings in auto_candidates()})
     return PlanInputs(shape, run_shape(run), cluster, buffers, float(cfg.plan.margin), cfg.plan.format, run)
 
 

@@ -36,7 +36,9 @@ from finetune.planning.estimate import (
     Plan,
     RunShape,
     ZeroBuffers,
+    estimate,
     format_table,
+    parameter_tensors,
     plan,
     zero_buffers_from_ds_config,
 )
@@ -203,7 +205,7 @@ def cluster_from_ranks(
     nvme_shares = [rs[0].nvme_free / len(rs) for rs in hosts.values() if rs[0].nvme_free is not None]
     nvme = min(nvme_shares) * g if len(nvme_shares) == len(hosts) else None
     cluster = Cluster(nodes=len(ranks) // g, gpus_per_node=g, gpu_memory_gb=device / GiB, cpu_memory_gb=cpu / GiB,
-                      nvme_gb=None if nvme is None else nvme / GiB)
+                      nvme_gb=None if nvme is None else nvme / GiB, accelerator="cpu" if on_cpu else "cuda")
     where = (f"{cluster.nodes} node(s) x {g} rank(s); {cluster.gpu_memory_gb:.1f} GiB per device ({device_src}), "
              f"{cluster.cpu_memory_gb:.1f} GiB CPU RAM per node ({cpu_src}), "
              + (f"{cluster.nvme_gb:.0f} GiB free NVMe per node" if cluster.nvme_gb is not None else "no NVMe"))
@@ -317,6 +319,25 @@ def refuse_unless_fits(
 
 
 # --- what the runner calls -------------------------------------------------------------------------
+def largest_parameter_numel(model: ModelDims, *, task: str) -> int:
+    """Elements of the model's largest parameter tensor (GPT-J: the vocab x width embedding or LM head)."""
+    return max(t.numel for t in parameter_tensors(shape_of(model, task=task)))
+
+
+def offload_estimate(run: RunConfig, model: ModelDims, ds_config: Mapping[str, Any], *, world_size: int,
+                     ranks_per_node: int) -> Estimate:
+    """The planner's estimate of the filled `ds_config` for a launch of `world_size` ranks, `ranks_per_node` per
+    node: its NVMe lines size the swap directory and its pinned swap buffers the locked-memory need (device
+    capacities play no part here)."""
+    from deepspeed.accelerator import get_accelerator
+
+    shape, steps = planner_inputs(run, model)
+    cluster = Cluster(nodes=max(1, world_size // ranks_per_node), gpus_per_node=ranks_per_node,
+                      accelerator="cpu" if get_accelerator().device_name() == "cpu" else "cuda")
+    return estimate(shape, steps, cluster, option_of(ds_config), buffers=zero_buffers_from_ds_config(ds_config))
+
+
+
 def choose_config_file(run: RunConfig, model: ModelDims, *, is_main: bool, cluster: Optional[Cluster] = None) -> str:
     """`deepspeed=auto`: the shipped DeepSpeed JSON to train with; rank 0 prints which and why.
 

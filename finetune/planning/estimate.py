@@ -30,9 +30,14 @@ GiB = 2**30
 CUDA_CONTEXT_BYTES = 2 * GiB
 # Resident memory of one training process on the host (Python, torch, CUDA and NCCL libraries, DeepSpeed).
 HOST_PROCESS_BYTES = 3 * GiB
+# The same on DeepSpeed's CPU accelerator (no CUDA libraries): measured 0.4-0.6 GiB per rank (bench/out_of_core.py).
+CPU_ACCELERATOR_PROCESS_BYTES = GiB // 2
 # PyTorch's pinned host allocator rounds each block up to a power of two (0-100% extra); DeepSpeed's
-# own estimators multiply CPU figures by 1.5 for the same reason.
+# own estimators multiply CPU figures by 1.5 for the same reason. Not for DeepSpeed's NVMe swap buffers
+# (page-aligned and mlock()ed at their exact size) nor on the CPU accelerator (pinning is a no-op there).
 PINNED_SLACK = 0.5
+# DeepSpeed's async I/O swaps a tensor only from 1 MiB up (MIN_AIO_BYTES); smaller ones stay in host memory.
+MIN_SWAP_BYTES = 2**20
 # Autograd keeps these many (B, S, f)-sized tensors for the MLP's activation: fc_in's output and three
 # intermediates of the elementwise tanh-GELU ("gelu_new", written out as in HF for parity).
 GELU_SAVED_TENSORS = 4
@@ -114,13 +119,17 @@ class RunShape:
 
 @dataclass(frozen=True, kw_only=True)
 class Cluster:
-    """The hardware: nodes x GPUs per node, memory per GPU, CPU RAM and NVMe per node (GiB)."""
+    """The hardware: nodes x GPUs per node, memory per GPU, CPU RAM and NVMe per node (GiB).
+
+    accelerator "cpu" is DeepSpeed's CPU accelerator (tests, CI): its "GPU" items live in the same RAM as the
+    host items, processes carry no CUDA context and are lighter, and pinning is a no-op."""
 
     nodes: int = 1
     gpus_per_node: int = 1
     gpu_memory_gb: float = 80.0
     cpu_memory_gb: float = 256.0
     nvme_gb: Optional[float] = None  # None: no NVMe for ZeRO-Infinity
+    accelerator: str = "cuda"  # cuda (any GPU) | cpu
 
     @property
     def world(self) -> int:
@@ -131,6 +140,8 @@ class Cluster:
             raise ConfigError(f"cluster.nodes ({self.nodes}) and cluster.gpus_per_node ({self.gpus_per_node}) must be >= 1.")
         if self.gpu_memory_gb <= 0 or self.cpu_memory_gb <= 0:
             raise ConfigError("cluster.gpu_memory_gb and cluster.cpu_memory_gb must be positive (GiB).")
+        if self.accelerator not in ("cuda", "cpu"):
+            raise ConfigError(f"cluster.accelerator is {self.accelerator!r}; use cuda (GPUs) or cpu.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,8 +187,11 @@ class ZeroBuffers:
     param_persistence_threshold: int = 100_000
     sub_group_size: int = 1_000_000_000
     param_swap_buffer_count: int = 5
-    param_swap_buffer_size: int = 100_000_000
+    # None ("auto" in ds_configs/zero3_nvme.json): the largest parameter partition, the least DeepSpeed accepts.
+    param_swap_buffer_size: Optional[int] = None
+    param_max_in_cpu: int = 1_000_000_000  # parameter elements per rank kept in host memory under NVMe offload
     optimizer_swap_buffer_count: int = 4
+    grad_accum_dtype: Optional[str] = None  # data_types.grad_accum_dtype (fp32 | bf16 | fp16); None: the precision's
 
 
 def zero_buffers_from_ds_config(ds_config: Mapping) -> ZeroBuffers:
@@ -201,9 +215,15 @@ def zero_buffers_from_ds_config(ds_config: Mapping) -> ZeroBuffers:
         param_persistence_threshold=int(get(zero, "stage3_param_persistence_threshold", "param_persistence_threshold")),
         sub_group_size=int(get(zero, "sub_group_size", "sub_group_size")),
         param_swap_buffer_count=int(get(param, "buffer_count", "param_swap_buffer_count")),
-        param_swap_buffer_size=int(get(param, "buffer_size", "param_swap_buffer_size")),
+        param_swap_buffer_size=_int_or_none(get(param, "buffer_size", "param_swap_buffer_size")),
+        param_max_in_cpu=int(get(param, "max_in_cpu", "param_max_in_cpu")),
         optimizer_swap_buffer_count=int(get(opt, "buffer_count", "optimizer_swap_buffer_count")),
+        grad_accum_dtype=get(ds_config.get("data_types") or {}, "grad_accum_dtype", "grad_accum_dtype"),
     )
+
+
+def _int_or_none(value) -> Optional[int]:
+    return None if value is None else int(value)
 
 
 # The order in which `plan` tries the options, fastest first:
@@ -408,8 +428,18 @@ def estimate(
         add(name, device, "persistent", category, *per_rank(device, nbytes, formula))
 
     # Parameters: whole on every GPU below stage 3; one 1/N partition per rank at stage 3.
+    swapped = 0  # parameter elements per rank on NVMe
     if stage < 3:
         place("parameters", "gpu", b * P, "b·P")
+    elif par_dev == "nvme":
+        # DeepSpeed keeps partitions under 1 MiB, and the first max_in_cpu elements, in host memory.
+        swappable = sum(math.ceil(t.numel / N) for t in tensors if math.ceil(t.numel / N) * b >= MIN_SWAP_BYTES)
+        swapped = max(0, swappable - buffers.param_max_in_cpu)
+        if swapped:
+            place("parameters", "nvme", b * swapped, "b·(partitions of 1 MiB and up - max_in_cpu)")
+            place("parameters kept in host memory", "cpu", b * (P / N - swapped), "b·(P/N - those on NVMe)")
+        else:
+            place("parameters", "cpu", b * P / N, "b·P/N (within max_in_cpu: none on NVMe)")
     else:
         place("parameters", _device(par_dev), b * P / N, "b·P/N")
 
@@ -420,8 +450,10 @@ def estimate(
         held = zero2_gradient_partition((t.numel for t in tensors if t.trainable), N)
         place("gradients", "gpu", b * held, "b·(Pt/N + whole gradients of parameters straddling the partition edges)")
     elif stage == 3:
-        # DeepSpeed keeps the reduced gradient partitions where the optimizer runs.
-        place("gradients", "gpu" if opt_dev == "none" else "cpu", b * Pt / N, "b·Pt/N")
+        # DeepSpeed keeps the reduced gradient partitions where the optimizer runs, in data_types.grad_accum_dtype.
+        grad_b = PRECISION_BYTES.get(buffers.grad_accum_dtype or run.precision, b)
+        place("gradients", "gpu" if opt_dev == "none" else "cpu", grad_b * Pt / N,
+              "b·Pt/N" if grad_b == b else f"{grad_b}·Pt/N (grad_accum_dtype {buffers.grad_accum_dtype})")
 
     # Optimizer: fp32 master weights and Adam's two moments. Plain fp32 DDP updates the weights
     # themselves; every ZeRO stage keeps an fp32 copy of its partition even in fp32.
@@ -441,19 +473,21 @@ def estimate(
 
     _add_buffers(add, tensors, option, buffers, b, Pt)
     items += activation_items(shape, run)
-    add("CUDA context, NCCL, allocator reserve", "gpu", "persistent", "overhead", CUDA_CONTEXT_BYTES, "fixed")
+    on_gpus = cluster.accelerator == "cuda"
+    if on_gpus:
+        add("CUDA context, NCCL, allocator reserve", "gpu", "persistent", "overhead", CUDA_CONTEXT_BYTES, "fixed")
 
     # Host: the processes themselves, pinned-allocation slack and the model load.
-    add("host process (Python, torch, CUDA libs)", "cpu", "persistent", "overhead", g * HOST_PROCESS_BYTES, "g x 3 GiB")
+    process, process_f = (
+        (HOST_PROCESS_BYTES, "g x 3 GiB") if on_gpus else (CPU_ACCELERATOR_PROCESS_BYTES, "g x 0.5 GiB"))
+    add("host process (Python, torch, CUDA libs)", "cpu", "persistent", "overhead", g * process, process_f)
     pinned = sum(i.bytes for i in items if i.device == "cpu" and i.category == "model_states")
-    if par_dev == "nvme" or opt_dev == "nvme":
-        swap = (buffers.param_swap_buffer_count * buffers.param_swap_buffer_size * b if par_dev == "nvme" else 0) + (
-            buffers.optimizer_swap_buffer_count * min(buffers.sub_group_size, Pt / N) * 4 if opt_dev == "nvme" else 0
-        )
-        add("NVMe swap buffers (pinned)", "cpu", "persistent", "buffers", g * swap,
-            "g x (param buffers count·size·b + optimizer buffers count·min(sub_group_size, Pt/N)·4)")
-        pinned += g * swap
-    add("pinned-allocation slack", "cpu", "persistent", "overhead", PINNED_SLACK * pinned, "0.5 x pinned host bytes")
+    if stage == 3 and "nvme" in (par_dev, opt_dev):
+        grad_b = PRECISION_BYTES.get(buffers.grad_accum_dtype or run.precision, b)
+        _add_nvme_host_buffers(add, tensors, option, buffers, grad_b=grad_b, N=N, g=g, swapped=swapped, b=b)
+    if on_gpus:
+        add("pinned-allocation slack", "cpu", "persistent", "overhead", PINNED_SLACK * pinned,
+            "0.5 x pinned host bytes")
     if stage < 3:
         add("model load (whole model on each rank's host)", "cpu", "load", "buffers", g * b * P, "g x b·P")
     else:
@@ -466,6 +500,48 @@ def estimate(
         "nvme": int((cluster.nvme_gb or 0) * GiB),
     }
     return Estimate(option, tuple(items), capacity)
+
+
+def sub_group_numels(numels: Iterable[int], sub_group_size: int) -> list[int]:
+    """Elements of each optimizer sub-group of one param group, from its parameters' partitions in order: DeepSpeed's
+    ZeRO-3 closes a sub-group once it reaches sub_group_size, so one can exceed it by a tensor."""
+    groups, current = [], 0
+    numels = list(numels)
+    for i, n in enumerate(numels):
+        current += n
+        if current >= sub_group_size or i == len(numels) - 1:
+            groups.append(current)
+            current = 0
+    return groups
+
+
+def largest_sub_group(numels: Iterable[int], sub_group_size: int) -> int:
+    """Elements of the largest optimizer sub-group (GPT-J's embedding alone on one GPU exceeds 1e8)."""
+    return max(sub_group_numels(numels, sub_group_size), default=0)
+
+
+def _add_nvme_host_buffers(add: Callable[..., None], tensors: list[ParamTensor], option: Option,
+                           buffers: ZeroBuffers, *, b: int, grad_b: int, N: int, g: int, swapped: int) -> None:
+    """Host memory of ZeRO-Infinity: page-locked swap buffers and the gradients' fp32 copies before their swap."""
+    trainable = [math.ceil(t.numel / N) for t in tensors if t.trainable]
+    group = largest_sub_group(trainable, buffers.sub_group_size)
+    if option.offload_params == "nvme":
+        size = buffers.param_swap_buffer_size or max(math.ceil(t.numel / N) for t in tensors)
+        add("NVMe swap buffers: parameters (pinned)", "cpu", "persistent", "buffers",
+            g * buffers.param_swap_buffer_count * size * b,
+            "g x buffer_count·buffer_size·b (buffer_size auto: the largest partition)")
+        if swapped:  # the updated 16-bit partitions of one sub-group go out through it after the step
+            add("NVMe swap buffers: 16-bit staging (pinned)", "cpu", "persistent", "buffers",
+                g * group * b, "g x b·largest sub-group")
+    if option.offload_optimizer == "nvme":
+        add("NVMe swap buffers: optimizer states (pinned)", "cpu", "persistent", "buffers",
+            g * buffers.optimizer_swap_buffer_count * group * 4, "g x buffer_count·4·largest sub-group")
+        if grad_b < 4:  # at the accumulation boundary every 16-bit gradient partition is cast to fp32 at once
+            add("fp32 gradient copies before their swap-out", "cpu", "optimizer_step", "buffers",
+                g * 4 * sum(trainable), "g x 4·Pt/N (none with data_types.grad_accum_dtype fp32)")
+        if swapped:
+            add("optimizer init: one fp32 sub-group", "cpu", "load", "buffers",
+                g * 4 * group, "g x 4·largest sub-group")
 
 
 def _device(offload: str) -> Device:

@@ -128,8 +128,11 @@ def read_checkpoint_state(checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
         return dict(torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from finetune.training.nvme import offloaded_master_weights
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed narrates its progress; stdout stays for results
+        # NVMe offload keeps the fp32 weights in the checkpoint's offloaded_tensors/, not in the optimizer files.
+        with contextlib.redirect_stdout(sys.stderr), offloaded_master_weights(checkpoint.path):
             state = get_fp32_state_dict_from_zero_checkpoint(
                 str(checkpoint.directory), tag=checkpoint.tag, lazy_mode=True
             )

@@ -91,6 +91,8 @@ def build_ds_config(
     world_size: int,
     total_steps: int,
     nvme_path: Optional[str] = None,
+    swap_subdir: Optional[str] = None,
+    largest_param_numel: Optional[int] = None,
     accelerator: str = "cuda",
 ) -> dict[str, Any]:
     """The DeepSpeed config dict to train with: `base` (read from `source`) with every "auto" filled.
@@ -98,6 +100,9 @@ def build_ds_config(
     Raises ConfigError for an explicit JSON value that contradicts the Hydra config (e.g. train_batch_size 64
     while micro_batch * grad_accum * world_size = 16), fp16 and bf16 both on, NVMe offload without
     `deepspeed.nvme_path`, or an "auto" this function does not know how to fill.
+    NVMe offload swaps into `<nvme_path>/<swap_subdir>` (the run's own directory, see finetune.training.nvme);
+    its parameter swap buffers ("buffer_size": "auto") hold the largest parameter partition, ceil(
+    `largest_param_numel` / world_size) elements, which DeepSpeed requires of them.
     `accelerator` is DeepSpeed's accelerator name: on "cpu" without offload, torch's AdamW replaces FusedAdam.
     """
     ds = copy.deepcopy(base)
@@ -156,12 +161,51 @@ def build_ds_config(
                 )
             filler.fill(("zero_optimization", key, "nvme_path"), nvme_path or offload["nvme_path"],
                         "set it to \"auto\" and give the directory with deepspeed.nvme_path")
+            if swap_subdir:
+                offload["nvme_path"] = str(Path(offload["nvme_path"]) / swap_subdir)
+        elif offload.get("nvme_path") == AUTO:
+            del offload["nvme_path"]  # a copy of zero3_nvme.json switched to "cpu": no directory to fill
+    _fill_param_swap_buffer(zero.get("offload_param") or {}, source=source, world_size=world_size,
+                            largest_param_numel=largest_param_numel)
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(
             f"{source} has \"auto\" at {leftover}, which the Hydra config does not decide; replace it with a value."
         )
     return ds
+
+
+def _fill_param_swap_buffer(offload: dict[str, Any], *, source: str, world_size: int,
+                            largest_param_numel: Optional[int]) -> None:
+    """offload_param.buffer_size: "auto" becomes the largest parameter partition; an explicit size must hold it
+    (DeepSpeed asserts it deep inside the first forward otherwise: GPT-J 6B's 206M-element embedding needs
+    buffers of 206M elements on one GPU, 103M on two)."""
+    if offload.get("device") != "nvme":
+        if offload.get("buffer_size") == AUTO:
+            del offload["buffer_size"]  # only NVMe swapping has these buffers
+        return
+    size = offload.get("buffer_size")
+    needed = math.ceil(largest_param_numel / world_size) if largest_param_numel else None
+    if size == AUTO:
+        if needed is None:
+            raise ConfigError(
+                f"{source}: zero_optimization.offload_param.buffer_size is \"auto\" but the model's largest "
+                "parameter is unknown here; give a number of elements (at least the largest parameter / ranks)."
+            )
+        offload["buffer_size"] = needed
+    elif needed is not None and size is not None and int(size) < needed:
+        raise ConfigError(
+            f"{source}: zero_optimization.offload_param.buffer_size is {int(size):,} elements, but the largest "
+            f"parameter partition is {needed:,} ({largest_param_numel:,} elements over {world_size} ranks) and "
+            "DeepSpeed swaps each partition through one buffer; set it to \"auto\" or to at least that."
+        )
+
+
+def nvme_swap_dirs(ds_config: dict[str, Any]) -> dict[str, Path]:
+    """Where a filled config swaps to NVMe: {"offload_param" | "offload_optimizer": directory}."""
+    zero = ds_config.get("zero_optimization") or {}
+    return {key: Path(zero[key]["nvme_path"]) for key in ("offload_param", "offload_optimizer")
+            if (zero.get(key) or {}).get("device") == "nvme"}
 
 
 class _Filler:
@@ -269,4 +313,22 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: flo
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=config, lr_scheduler=scheduler
     )
+    if engine.zero_nvme_offload_optimizer():
+        _complete_nvme_resumes(engine)
     return engine
+
+
+def _complete_nvme_resumes(engine) -> None:
+    """Every load_checkpoint of this engine also restores what DeepSpeed's NVMe resume skips (see
+    finetune.training.nvme.complete_resume); without it a resumed run's loss departs from the uninterrupted one."""
+    from finetune.training.nvme import complete_resume
+
+    load = engine.load_checkpoint
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        path, client_state = load(load_dir, tag=tag, **kwargs)
+        if path is not None and kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only"):
+            complete_resume(engine, load_dir, tag or (Path(load_dir) / "latest").read_text().strip())
+        return path, client_state
+
+    engine.load_checkpoint = load_checkpoint

@@ -13,6 +13,8 @@ import torch
 
 from finetune.config import ConfigError
 from finetune.planning.estimate import (
+    CPU_ACCELERATOR_PROCESS_BYTES,
+    CUDA_CONTEXT_BYTES,
     PINNED_SLACK,
     PRESET_SHAPES,
     Cluster,
@@ -24,12 +26,14 @@ from finetune.planning.estimate import (
     count_parameters,
     estimate,
     format_table,
+    largest_sub_group,
     parameter_tensors,
     plan,
     plan_to_json,
     stored_parameters,
     trainable_parameters,
     zero2_gradient_partition,
+    zero_buffers_from_ds_config,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -268,11 +272,72 @@ def test_peak_is_persistent_plus_largest_phase():
     assert all(i.formula for i in est.items)
 
 
+NVME = Option(stage=3, offload_optimizer="nvme", offload_params="nvme")
+NVME_JSON = zero_buffers_from_ds_config(json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text()))
+
+
 def test_nvme_needs_a_drive():
-    option = Option(stage=3, offload_optimizer="nvme", offload_params="nvme")
-    assert not estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=8), option).fits
-    with_drive = estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=8, nvme_gb=4000), option)
+    assert not estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=8), NVME, buffers=NVME_JSON).fits
+    with_drive = estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=8, nvme_gb=4000), NVME, buffers=NVME_JSON)
+    # bf16 weights, fp32 master + moments + the fp32 gradients DeepSpeed swaps out with them: 18 bytes/param.
     assert with_drive.nvme_bytes == pytest.approx(8 * (2 * 6.05e9 + 16 * 6.05e9) / 8, rel=0.01)
+
+
+def test_nvme_keeps_small_partitions_and_max_in_cpu_in_host_memory():
+    P = count_parameters(GPTJ_6B)
+    cluster = Cluster(gpus_per_node=8, nvme_gb=4000)
+    all_out = estimate(GPTJ_6B, RunShape(), cluster, NVME, buffers=NVME_JSON)  # max_in_cpu 0
+    params = {i.name: i for i in all_out.items if i.name.startswith("parameters")}
+    # LayerNorm gains and biases (partitions under 1 MiB) stay in RAM: a few MB of GPT-J's 12 GB of weights.
+    assert params["parameters"].device == "nvme" and params["parameters kept in host memory"].bytes < 20e6
+    assert params["parameters"].bytes + params["parameters kept in host memory"].bytes == pytest.approx(2 * P, rel=1e-6)
+    # DeepSpeed's default max_in_cpu (1e9 elements per rank) keeps all of a 756M-parameter partition in RAM.
+    default = estimate(GPTJ_6B, RunShape(), cluster, NVME, buffers=replace(NVME_JSON, param_max_in_cpu=10**9))
+    assert not [i for i in default.items if i.name == "parameters" and i.device == "nvme"]
+    assert default.nvme_bytes == pytest.approx(16 * P, rel=1e-6)
+
+
+def test_nvme_host_buffers_for_gptj_on_one_gpu():
+    """The page-locked buffers DeepSpeed allocates for ZeRO-Infinity, with ds_configs/zero3_nvme.json's settings."""
+    est = estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=1, nvme_gb=4000), NVME, buffers=NVME_JSON)
+    items = {i.name: i.bytes for i in est.items if i.device == "cpu"}
+    embedding = GPTJ_6B.vocab_size * GPTJ_6B.n_embd  # the largest partition on one GPU
+    assert items["NVMe swap buffers: parameters (pinned)"] == 5 * embedding * 2
+    # Sub-groups of 1e8 elements close once reached: the one the LM head closes is the largest.
+    group = largest_sub_group([t.numel for t in parameter_tensors(GPTJ_6B)], NVME_JSON.sub_group_size)
+    assert embedding < group < embedding + NVME_JSON.sub_group_size
+    assert items["NVMe swap buffers: optimizer states (pinned)"] == 4 * 4 * group
+    assert items["NVMe swap buffers: 16-bit staging (pinned)"] == 2 * group
+    P = count_parameters(GPTJ_6B)
+    assert items["gradients"] == 4 * P  # accumulated in fp32 (data_types.grad_accum_dtype) in host memory
+    assert "fp32 gradient copies before their swap-out" not in items
+    pinned = items["gradients"] + items["parameters kept in host memory"]
+    assert items["pinned-allocation slack"] == PINNED_SLACK * pinned
+    # Accumulated in bf16, DeepSpeed casts every partition to fp32 at once before swapping them out: 2 + 4 bytes.
+    bf16 = estimate(GPTJ_6B, RunShape(), Cluster(gpus_per_node=1, nvme_gb=4000), NVME,
+                    buffers=replace(NVME_JSON, grad_accum_dtype=None))
+    items = {i.name: i for i in bf16.items if i.device == "cpu"}
+    assert items["gradients"].bytes == 2 * P
+    copies = items["fp32 gradient copies before their swap-out"]
+    assert (copies.bytes, copies.phase) == (4 * P, "optimizer_step")
+
+
+def test_largest_sub_group_follows_deepspeed():
+    assert largest_sub_group([10, 10, 10, 10], 15) == 20  # closed once it reaches the size
+    assert largest_sub_group([50, 1, 1], 15) == 50  # one tensor larger than the size is a sub-group alone
+    assert largest_sub_group([5, 5], 100) == 10
+
+
+def test_cpu_accelerator_has_no_cuda_overheads():
+    cuda = estimate(SMALL, RunShape(seq_len=64), Cluster(gpus_per_node=2), Option(stage=3, offload_optimizer="cpu"))
+    cpu = estimate(SMALL, RunShape(seq_len=64), Cluster(gpus_per_node=2, accelerator="cpu"),
+                   Option(stage=3, offload_optimizer="cpu"))
+    assert cuda.gpu_bytes - cpu.gpu_bytes == CUDA_CONTEXT_BYTES
+    host = {i.name: i.bytes for i in cpu.items if i.device == "cpu"}
+    assert host["host process (Python, torch, CUDA libs)"] == 2 * CPU_ACCELERATOR_PROCESS_BYTES
+    assert "pinned-allocation slack" not in host
+    with pytest.raises(ConfigError, match="cluster.accelerator"):
+        Cluster(accelerator="tpu")
 
 
 def test_bad_inputs_raise_config_errors():

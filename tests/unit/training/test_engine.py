@@ -12,6 +12,7 @@ from finetune.model import GPTJConfig, build_model
 from finetune.training.engine import (
     build_ds_config,
     load_ds_json,
+    nvme_swap_dirs,
     offload_devices,
     param_groups,
     warmup_steps,
@@ -21,7 +22,11 @@ from finetune.training.engine import (
 DS_CONFIGS = sorted((Path(__file__).resolve().parents[3] / "ds_configs").glob("*.json"))
 
 
-def build(base: dict, *, world_size: int = 2, total_steps: int = 100, nvme_path=None, accelerator="cuda", **sections):
+GPTJ_EMBEDDING = 50400 * 4096  # GPT-J's largest parameter (wte, lm_head)
+
+
+def build(base: dict, *, world_size: int = 2, total_steps: int = 100, nvme_path=None, accelerator="cuda",
+          swap_subdir=None, largest_param_numel=GPTJ_EMBEDDING, **sections):
     return build_ds_config(
         base,
         source="test.json",
@@ -31,6 +36,8 @@ def build(base: dict, *, world_size: int = 2, total_steps: int = 100, nvme_path=
         world_size=world_size,
         total_steps=total_steps,
         nvme_path=nvme_path,
+        swap_subdir=swap_subdir,
+        largest_param_numel=largest_param_numel,
         accelerator=accelerator,
     )
 
@@ -142,6 +149,39 @@ def test_nvme_offload_needs_a_path():
     ds = build(base, nvme_path="/local/nvme")
     zero = ds["zero_optimization"]
     assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == "/local/nvme"
+
+
+def test_nvme_offload_swaps_into_the_runs_own_directory():
+    base = load_ds_json("ds_configs/zero3_nvme.json")[0]
+    ds = build(base, nvme_path="/local/nvme", swap_subdir="finetune-swap-run1-0123456789")
+    assert nvme_swap_dirs(ds) == {"offload_param": Path("/local/nvme/finetune-swap-run1-0123456789"),
+                                  "offload_optimizer": Path("/local/nvme/finetune-swap-run1-0123456789")}
+    # A path written in the JSON itself (instead of deepspeed.nvme_path) gets the run's directory too.
+    explicit = json.loads(json.dumps(base).replace('"nvme_path": "auto"', '"nvme_path": "/disk"'))
+    assert set(nvme_swap_dirs(build(explicit, swap_subdir="s")).values()) == {Path("/disk/s")}
+    assert nvme_swap_dirs(build(load_ds_json("ds_configs/zero3_offload.json")[0], swap_subdir="s")) == {}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_parameter_swap_buffers_hold_the_largest_partition(world_size):
+    """DeepSpeed asserts a partition fits one swap buffer; the 206M-element GPT-J embedding over 1 or 2 ranks does
+    not fit DeepSpeed's default of 100M elements, so "auto" sizes the buffers from the model."""
+    base = load_ds_json("ds_configs/zero3_nvme.json")[0]
+    ds = build(base, world_size=world_size, nvme_path="/nvme")
+    assert ds["zero_optimization"]["offload_param"]["buffer_size"] == -(-GPTJ_EMBEDDING // world_size)
+    too_small = json.loads(json.dumps(base))
+    too_small["zero_optimization"]["offload_param"]["buffer_size"] = 100_000_000
+    if world_size <= 2:
+        with pytest.raises(ConfigError, match=r"offload_param\.buffer_size is 100,000,000 elements.*\"auto\""):
+            build(too_small, world_size=world_size, nvme_path="/nvme")
+    else:
+        assert build(too_small, world_size=world_size, nvme_path="/nvme")["zero_optimization"]["offload_param"][
+            "buffer_size"] == 100_000_000
+    with pytest.raises(ConfigError, match="largest parameter is unknown"):
+        build(base, nvme_path="/nvme", largest_param_numel=None)
+    # Without NVMe there are no parameter swap buffers: an "auto" size is dropped, not an error.
+    cpu = json.loads(json.dumps(base).replace('"device": "nvme"', '"device": "cpu"'))
+    assert "buffer_size" not in build(cpu, largest_param_numel=None)["zero_optimization"]["offload_param"]
 
 
 def test_unsupported_optimizer_and_unknown_auto_are_refused():
