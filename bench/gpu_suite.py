@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_cases  # noqa: E402 -- stdlib-only at import time
 
 DEFAULT_BUDGET_S = 480.0  # 8 minutes on the GPU machine, under its 10-minute limit per command
-DRY_BUDGET_S = 900.0
+DRY_BUDGET_S = 1200.0
 SUMMARY_RESERVE_S = 10.0  # kept back from the last case for the tables
 KILL_GRACE_S = 5.0
 GIB = 2**30
@@ -215,7 +215,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     started = args.started or time.time()
     budget = args.budget_s or (DRY_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S)
-    deadline = started + budget
     names = [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in gpu_cases.CASES]
     if unknown:
@@ -228,13 +227,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         caps[case] = float(seconds)
     options = case_options(args.set, list(gpu_cases.CASES))
 
+    def cap_of(name: str) -> float:
+        case = gpu_cases.CASES[name]
+        return caps.get(name, case.dry_timeout_s if args.dry_run else case.timeout_s)
+
     out = Path(args.out or os.environ.get("OUT") or ROOT / "outputs" / "gpu_suite")
     out.mkdir(parents=True, exist_ok=True)
-    results, profiles, log_path = out / "results.jsonl", out / "profiles.txt", out / "log.txt"
-    for path in (results, profiles, log_path):
+    for path in (out / "results.jsonl", out / "profiles.txt", out / "log.txt", out / "summary.md"):
         path.unlink(missing_ok=True)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    try:
+        return run_suite(args, out=out, names=names, options=options, cap_of=cap_of, started=started,
+                         budget=budget)
+    finally:  # also when the suite itself is stopped: the tables of what ran
+        write_summary(out, args.dry_run)
+
+
+def run_suite(args: argparse.Namespace, *, out: Path, names: list[str], options: dict[str, dict],
+              cap_of: Callable[[str], float], started: float, budget: float) -> int:
+    """Install, then run the cases within the budget; the exit status (0: every run ended normally)."""
+    deadline = started + budget
+    results, profiles, log_path = out / "results.jsonl", out / "profiles.txt", out / "log.txt"
 
     def record(row: dict) -> None:
         with open(results, "a") as f:
@@ -261,13 +275,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         record({"kind": "suite", "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
                 "dry_run": args.dry_run, "budget_s": budget, "cases": names, "commit": git_commit(),
                 "install": install, "options": {n: options[n] for n in names if options[n]}})
-        print(f"[suite] {'dry run, ' if args.dry_run else ''}budget {budget:.0f} s, cases {', '.join(names)}; "
-              f"output in {out}", flush=True)
+        plan = ", ".join(f"{n} <= {cap_of(n):.0f} s" for n in names)
+        print(f"[suite] {'dry run, ' if args.dry_run else ''}budget {budget:.0f} s ({deadline - time.time():.0f} s "
+              f"left): {plan}; output in {out}", flush=True)
 
         all_ok = True
         for name in names:
             case = gpu_cases.CASES[name]
-            cap = caps.get(name, case.dry_timeout_s if args.dry_run else case.timeout_s)
+            cap = cap_of(name)
             allowed = min(cap, deadline - SUMMARY_RESERVE_S - time.time())
             if allowed < min(case.min_s, cap):
                 record({"case": name, "run": "-", "kind": "status", "status": "skipped",
@@ -299,15 +314,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if status != "ok":
                     all_ok = False
                     log.flush()
-                    with open(log_path) as f:
+                    with open(log_path, errors="replace") as f:
                         f.seek(offset)
-                        tail = f.read().splitlines()[-15:]
+                        tail = [line for line in f.read().splitlines() if line.strip()][-15:] or ["(no output)"]
                     print("\n".join(f"    {line[:300]}" for line in tail), flush=True)
+    return 0 if all_ok else 1
 
-    summary = summarize(load_rows(results), dry=args.dry_run)
+
+def write_summary(out: Path, dry: bool) -> None:
+    summary = summarize(load_rows(out / "results.jsonl"), dry=dry)
     (out / "summary.md").write_text(summary + "\n")
     print(summary, flush=True)
-    return 0 if all_ok else 1
 
 
 # --- tables ----------------------------------------------------------------------------------------

@@ -148,3 +148,31 @@ def test_summary_has_the_ratio_against_transformers_and_the_loss_parity():
     assert "| 1.20 |" in ours and "| 42.0% |" in ours
     assert "10.80000 / 10.80020 (diff -2.00e-04)" in summary
     assert "## Goals" in summary and "Not evaluated" not in summary
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace") \
+                    and _alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_stopping_the_suite_stops_its_running_case_and_still_writes_the_tables(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    suite = subprocess.Popen([sys.executable, str(SUITE), str(out), "--dry-run", "--cases", "setup"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not _processes_mentioning(str(out / "results.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(out / "results.jsonl")), "the setup run never started"
+    suite.terminate()
+    assert suite.wait(timeout=30) == 128 + 15
+    time.sleep(0.5)
+    assert not _processes_mentioning(str(out / "results.jsonl"))  # the case's process went with it
+    assert (out / "summary.md").exists()
