@@ -499,15 +499,23 @@ def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_confi
                     times.append(seconds)
             break
         except torch.OutOfMemoryError as err:
-            row.setdefault("notes", []).append(f"out of memory with checkpointing={checkpointing}: {str(err)[:200]}")
-            engine.destroy()
-            del engine, model, batch
-            gc.collect()
-            accel.empty_cache()
-            if checkpointing or ctx.time_left() < 2 * row["init_s"] + 30:
-                ctx.record(kind, **row, status="out of memory")
-                raise
-            checkpointing = True
+            oom = f"out of memory with micro batch {pick.micro_batch}, checkpointing {checkpointing}: {str(err)[:300]}"
+        # Out of the except block, so that the failed step's frames (and the activations they hold) are gone.
+        row.setdefault("notes", []).append(oom)
+        engine.destroy()
+        del engine, model, batch
+        gc.collect()
+        accel.empty_cache()
+        if checkpointing or ctx.time_left() < 2 * row["init_s"] + 30:
+            ctx.record(kind, **row, status="out of memory")
+            raise SystemExit(oom)
+        checkpointing = True
+        # The planner's figure for what runs now (same DeepSpeed JSON, with checkpointing).
+        pick = pick_run(task, s, config=pick.config_file, lora=lora, offload=offload, cluster=cluster,
+                        micro_batch=pick.micro_batch, checkpointing=True)
+        row.update(estimate_bytes=pick.estimate.gpu_bytes - CUDA_CONTEXT_BYTES,
+                   estimate_cpu_bytes=pick.estimate.cpu_bytes,
+                   why=row["why"] + "; retried with activation checkpointing after running out of memory")
     row["checkpointing"] = checkpointing
     if watch:
         after = trainable_snapshot(engine.module, watch)

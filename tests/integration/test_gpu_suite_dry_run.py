@@ -95,3 +95,32 @@ def test_tables_and_profiles_are_written(suite):
     profiles = (out / "profiles.txt").read_text()
     assert "=== full/ours" in profiles and "=== lora/ours" in profiles
     assert "===== offload/ours" in (out / "log.txt").read_text()
+
+
+OOM_ONCE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, "bench")
+import gpu_cases, torch
+
+real, calls = gpu_cases.timed_step, []
+def out_of_memory_once(engine, batch, sync):  # the first step runs out of memory, as a too-large batch would
+    calls.append(1)
+    if len(calls) == 1:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(engine, batch, sync)
+gpu_cases.timed_step = out_of_memory_once
+ctx = gpu_cases.Context(case="full", run="ours", dry=True, results=Path(sys.argv[1]), profiles=Path(sys.argv[2]),
+                        deadline=time.time() + 600, options={"warmup": 0, "steps": 2})
+gpu_cases.train(ctx, impl="ours", config=gpu_cases.ZERO3)
+"""
+
+
+def test_a_run_out_of_memory_is_retried_once_with_activation_checkpointing(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", OOM_ONCE, str(tmp_path / "r.jsonl"), str(tmp_path / "p.txt")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((tmp_path / "r.jsonl").read_text())
+    assert row["checkpointing"] and "out of memory" in row["notes"][0] and "retried" in row["why"]
+    assert len(row["losses"]) == 2 and all(math.isfinite(loss) for loss in row["losses"])
