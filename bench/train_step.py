@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,22 +153,13 @@ def worker(args) -> None:
         gen = torch.Generator().manual_seed(1000 + rank)
         batch = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=gen).to(device)
 
-        def step(engine) -> tuple[float, float]:
-            sync()
-            t0 = time.perf_counter()
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()
-            sync()
-            return time.perf_counter() - t0, loss.item()
-
         times = {name: [] for name in engines}
         losses = {name: [] for name in engines}
         for i in range(args.warmup + args.steps):
             # A B, then B A: alternating which goes first too, so neither always follows the other.
             order = list(engines) if i % 2 == 0 else list(engines)[::-1]
             for name in order:
-                dt, loss = step(engines[name])
+                dt, loss = timed_step(engines[name], {"input_ids": batch, "labels": batch}, sync)
                 losses[name].append(loss)
                 if i >= args.warmup:
                     times[name].append(dt)
@@ -193,6 +185,21 @@ def worker(args) -> None:
             Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
                                                            if k not in ("worker", "local_rank")},
                                                   "world_size": world, "results": results}, indent=1))
+
+
+def timed_step(engine, inputs: dict, sync: Callable[[], None]) -> tuple[float, float]:
+    """One optimizer step of a DeepSpeed engine on `inputs` (the model's keyword arguments): (seconds, loss).
+
+    `sync` waits for the device (torch.cuda.synchronize; a no-op on CPU) on both ends, so the time is the step's.
+    Shared with bench/gpu_cases.py.
+    """
+    sync()
+    t0 = time.perf_counter()
+    loss = engine(**inputs).loss
+    engine.backward(loss)
+    engine.step()
+    sync()
+    return time.perf_counter() - t0, loss.item()
 
 
 def table(args, results, world) -> str:
