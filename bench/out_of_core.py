@@ -21,7 +21,12 @@ one is complete) and final/ fit on the work dir's disk. The script
     python bench/out_of_core.py --work-dir /tmp/ooc --ram-gb 3            # the whole flow in minutes: 1 layer
     python bench/out_of_core.py --work-dir /tmp/ooc --ram-gb 3 --reference   # + the same steps with CPU offload
 
---ram-gb sizes the model for a pretend RAM (the checks use it too); the real RAM must still hold the run.
+--ram-gb sizes the model for a smaller RAM (the checks use it too). With --limit-memory the launches run in a
+memory cgroup (v1 or v2; needs root or a delegated cgroup) limited to --ram-gb, so that RAM is enforced by the
+kernel: page cache is reclaimed at the limit, and memory the run cannot give back gets it killed (reported as an
+OOM kill). Without it, the real RAM must still hold the run.
+
+    python bench/out_of_core.py --work-dir /tmp/ooc --ram-gb 17.5 --limit-memory   # 6 layers: 1.38x the limit
 --width W (a multiple of 16, default 4096) narrows the layers for a quick check of the flow on a slow disk: one
 layer at GPT-J width is already 0.61B parameters (the embedding and lm_head are 0.41B of them).
 --reference also trains the same steps with zero3_offload (states in RAM: only where they fit) for the
@@ -192,12 +197,13 @@ class Watched:
 
 
 def watch(cmd: list[str], *, env: dict, log: Path, swap_root: Optional[Path], sample_s: float,
-          marks: dict[str, str], timeout: float) -> Watched:
+          marks: dict[str, str], timeout: float, cgroup: Optional["MemoryCgroup"] = None) -> Watched:
     """Run `cmd`, sampling memory, I/O and CPU of its process tree; `marks`: name -> regex seen in its output."""
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=cgroup.join if cgroup is not None else None)
     seen: dict[str, float] = {}
     chunks: list[str] = []
 
@@ -255,6 +261,58 @@ def watch(cmd: list[str], *, env: dict, log: Path, swap_root: Optional[Path], sa
     proc.wait()
     reader.join(timeout=10)
     return Watched(proc.returncode, samples, seen, "".join(chunks), time.perf_counter() - start, last_io)
+
+
+# --- an enforced memory limit ------------------------------------------------------------------------
+@dataclass
+class MemoryCgroup:
+    """A memory cgroup limited to `limit` bytes that the launches join (cgroup v2, or v1's memory controller)."""
+
+    path: Path
+    version: int
+    limit: int
+
+    @classmethod
+    def create(cls, limit: int) -> "MemoryCgroup":
+        name = f"finetune-out-of-core-{os.getpid()}"
+        v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+        try:
+            if (v2 / "cgroup.controllers").exists():
+                group = cls(v2 / name, 2, limit)
+                group.path.mkdir()
+                (group.path / "memory.max").write_text(str(limit))
+                if (group.path / "memory.swap.max").exists():
+                    (group.path / "memory.swap.max").write_text("0")
+            else:
+                group = cls(v1 / name, 1, limit)
+                group.path.mkdir()
+                (group.path / "memory.limit_in_bytes").write_text(str(limit))
+                if (group.path / "memory.memsw.limit_in_bytes").exists():
+                    (group.path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError as err:
+            raise SystemExit(f"--limit-memory: cannot create a memory cgroup ({err}); run as root, or in a "
+                             "cgroup whose memory controller is delegated to you, or drop --limit-memory.")
+        return group
+
+    def join(self) -> None:
+        """Move the calling process into the group (a Popen preexec_fn: its children inherit it)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> Optional[int]:
+        """The group's peak charge so far (page cache included); None where the kernel does not keep one."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        return int((self.path / name).read_text()) if (self.path / name).exists() else None
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        lines = (self.path / name).read_text().split("\n") if (self.path / name).exists() else []
+        return sum(int(line.split()[1]) for line in lines if line.startswith("oom_kill "))
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -318,6 +376,8 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, required=True,
                         help="on the disk to swap to; gets model/, run/, nvme/, export/ (removed) and report.json")
     parser.add_argument("--ram-gb", type=float, help="size for this much RAM (GiB) instead of the machine's")
+    parser.add_argument("--limit-memory", action="store_true",
+                        help="run the launches in a memory cgroup limited to --ram-gb (enforced, not pretended)")
     parser.add_argument("--min-ratio", type=float, default=1.3, help="model states / RAM to reach (default 1.3)")
     parser.add_argument("--layers", type=int, help="use this many layers instead of choosing")
     parser.add_argument("--width", type=int, default=WIDTH, help="layer width (default GPT-J's 4096)")
@@ -337,6 +397,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     real_ram = psutil.virtual_memory().total
     ram = int(args.ram_gb * GiB) if args.ram_gb else real_ram
+    if args.limit_memory and not args.ram_gb:
+        raise SystemExit("--limit-memory needs --ram-gb: the limit to enforce.")
     free_disk = shutil.disk_usage(work).free
     layers = choose_layers(ram, free_disk, min_ratio=args.min_ratio, seq_len=args.seq_len, layers=args.layers)
     P = parameters(layers)
@@ -357,6 +419,8 @@ def main() -> int:
         shutil.rmtree(path, ignore_errors=True)
     nvme.mkdir()
     checks: dict[str, bool] = {}
+    cgroup = MemoryCgroup.create(ram) if args.limit_memory else None
+    report["machine"]["enforced_memory_limit_bytes"] = ram if cgroup else None
     try:
         report["disk_bandwidth"] = disk_bandwidth(work)
         print(f"disk (O_DIRECT, 1 MiB blocks): {report['disk_bandwidth']}", flush=True)
@@ -380,20 +444,21 @@ def main() -> int:
                                 config="zero3_nvme", stop=stop)
             print(f"launch ({name}): {' '.join(cmd)}", flush=True)
             w = watch(cmd, env=env, log=work / f"{name}.log", swap_root=nvme, sample_s=args.sample_s, marks=marks,
-                      timeout=timeout)
+                      timeout=timeout, cgroup=cgroup)
             launches[name] = w
             print(f"  exit {w.returncode} after {w.seconds:.0f} s; peak node RSS {w.peak('rss') / GiB:.2f} GiB, "
                   f"swap {w.peak('nvme') / GiB:.2f} GiB", flush=True)
             if w.returncode:
                 print(w.output[-5000:], file=sys.stderr)
-                raise SystemExit(f"the {name} launch failed; see {work / (name + '.log')}")
+                killed = f" ({cgroup.oom_kills()} OOM kills at the {ram / GiB:.1f} GiB limit)" if cgroup else ""
+                raise SystemExit(f"the {name} launch failed{killed}; see {work / (name + '.log')}")
         first, resumed = launches["first"], launches["resumed"]
 
         # 4. the lazy export of the last checkpoint
         export_cmd = [sys.executable, str(ROOT / "launch" / "export.py"), f"checkpoint={run_dir / 'checkpoints'}",
                       f"out={export_dir}", "dtype=bf16", "max_shard_size=1GB"]
         exported = watch(export_cmd, env=env, log=work / "export.log", swap_root=None, sample_s=args.sample_s / 2,
-                         marks={}, timeout=timeout)
+                         marks={}, timeout=timeout, cgroup=cgroup)
         if exported.returncode:
             print(exported.output[-5000:], file=sys.stderr)
             raise SystemExit("launch/export.py failed")
@@ -460,6 +525,8 @@ def main() -> int:
         values = list(losses.values())
         checks = {
             "node peak RSS below the machine's RAM": node_peak < real_ram,
+            **({"within the enforced memory limit (no OOM kill)": cgroup.oom_kills() == 0 and node_peak < ram}
+               if cgroup else {}),
             "resumed from the checkpoint": f"Resuming at step {args.steps}" in resumed.output,
             f"{args.steps + 1} steps logged": sorted(losses) == list(range(1, args.steps + 2)),
             "losses finite": all(math.isfinite(v) for v in values),
@@ -472,8 +539,13 @@ def main() -> int:
                 exported.peak("ranks_anon") - CPU_ACCELERATOR_PROCESS_BYTES < 2 * export_bytes,
             "swap directory removed": not any(nvme.iterdir()),
         }
+        if cgroup is not None:
+            report["memory"]["cgroup"] = {"limit": ram, "peak_charge_with_page_cache": cgroup.peak(),
+                                          "oom_kills": cgroup.oom_kills()}
         report["checks"] = checks
     finally:
+        if cgroup is not None:
+            cgroup.remove()
         if not args.keep:
             for path in (model_dir, run_dir, nvme, export_dir, work / "reference"):
                 shutil.rmtree(path, ignore_errors=True)
@@ -505,6 +577,10 @@ def summary(r: dict) -> str:
         f"peak RSS {g(e['export_py_peak_rss'])}, anonymous {g(e['export_py_peak_anon'])} "
         f"({e['export_py_peak_anon'] / max(1, e['export_py_bytes']):.2f}x the exported size)",
     ]
+    if "cgroup" in m:
+        c = m["cgroup"]
+        lines.append(f"enforced limit {g(c['limit'])} (memory cgroup): peak charge incl. page cache "
+                     f"{g(c['peak_charge_with_page_cache'] or 0)}, OOM kills {c['oom_kills']}")
     if "reference_cpu_offload" in r:
         ref = r["reference_cpu_offload"]
         lines.append(f"CPU offload reference: {ref['mean_step_s_after_first']:.1f} s/step; NVMe / CPU offload = "
