@@ -1,4 +1,5 @@
 # `make demo` and `make test` each set up .venv first (once), then run.
+# `make test` leaves out the tests marked slow (minutes each: CI stays under 20 minutes); `make test-all` runs them too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,8 @@ BIN := $(VENV)/bin
 # On a GPU machine, a torch already importable by $(PYTHON) with CUDA is reused through --system-site-packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-all clean
+PYTEST_ARGS ?= -m "not slow"
 
 $(BIN)/.installed: pyproject.toml
 	@bash scripts/libaio.sh  # NVMe offload's system library: installed when root, else the command to run
@@ -25,6 +27,9 @@ demo: venv
 
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
