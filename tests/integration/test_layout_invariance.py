@@ -62,7 +62,17 @@ def test_losses_and_final_weights_do_not_depend_on_the_layout(layout_runs, task)
         assert sorted(losses) == [1, 2, 3], key
         for step in (1, 2, 3):
             assert losses[step] == pytest.approx(reference[step], rel=RTOL), (key, losses, reference)
-        assert relative_difference(final_weights(run_dir), reference_weights) < RTOL, key
+        weights = final_weights(run_dir)
+        if task == "qa":
+            # The QA head's bias, and the final LayerNorm's bias (which reaches the loss only through the QA head),
+            # add one constant to every position's start (or end) logit, which the softmax over positions ignores:
+            # their gradients are zero up to rounding, and Adam turns that rounding into steps of up to the learning
+            # rate either way, differently per layout. They change no prediction: leave them out, and check they
+            # stayed within a few learning-rate steps of their zero init.
+            for name in ("qa_outputs.bias", "transformer.ln_f.bias"):
+                assert float(weights.pop(name).abs().max()) <= 2 * 3 * 3e-3, (key, name)  # Adam: |step| <~ lr
+                reference_weights.pop(name, None)
+        assert relative_difference(weights, reference_weights) < RTOL, key
 
 
 def test_the_clm_data_tells_layouts_apart_without_global_normalisation(layout_runs):

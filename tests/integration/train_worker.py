@@ -68,7 +68,7 @@ def main(jobs_file: str) -> None:
     from hydra import compose, initialize_config_dir
 
     from finetune import distributed, runner
-    from finetune.cli import USER_ERRORS
+    from finetune.cli import is_user_error
 
     jobs = json.loads(Path(jobs_file).read_text())
     runner.register_resolvers()
@@ -80,9 +80,11 @@ def main(jobs_file: str) -> None:
             try:
                 with contextlib.redirect_stdout(output):
                     runner.run(cfg, run_dir=Path(job["run_dir"]))
-                results.append({"ok": True, "output": output.getvalue()})
-            except USER_ERRORS as err:
-                results.append({"ok": False, "error": str(err), "type": type(err).__name__,
+                results.append({"ok": True, "run_dir": job["run_dir"], "output": output.getvalue()})
+            except Exception as err:  # noqa: BLE001 - a user error is a result; anything else fails the test
+                if not is_user_error(err):
+                    raise
+                results.append({"ok": False, "run_dir": job["run_dir"], "error": str(err), "type": type(err).__name__,
                                 "output": output.getvalue()})
             print(output.getvalue(), flush=True)
     info = distributed.init_distributed()
