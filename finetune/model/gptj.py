@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -276,6 +277,21 @@ class PackedSequences:
             )
         return cls(cu_seq_lens.to(torch.int32), lengths)
 
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, examples: "PackedSequences") -> "PackedSequences":
+        """The runs of a packed row that start at each position 0: `examples`, or finer when an example holds
+        several documents (data.packing=documents), each restarting its positions."""
+        total = position_ids.shape[1]
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        example_starts = [0, *itertools.accumulate(examples.lengths[:-1])]
+        if starts == example_starts:
+            return examples
+        if not set(example_starts) <= set(starts):
+            raise ValueError("position_ids of a packed row must restart at 0 where each example of cu_seq_lens starts.")
+        bounds = starts + [total]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=examples.cu_seq_lens.device)
+        return cls(cu, tuple(b - a for a, b in zip(bounds, bounds[1:])))
+
     @property
     def max_len(self) -> int:
         return max(self.lengths)
@@ -369,7 +385,8 @@ class GPTJModel(nn.Module):
         use_cache: bool = False,
         cu_seq_lens: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[KVCache]]:
-        """`cu_seq_lens` (n + 1,): input_ids is one packed row of n examples (see the module docstring)."""
+        """`cu_seq_lens` (n + 1,): input_ids is one packed row of n examples (see the module docstring). Attention
+        stays within each example, and within each run of `position_ids` that starts at 0 when they are given."""
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         if attention_mask is not None and attention_mask.shape[1] != past_len + T:
@@ -384,9 +401,11 @@ class GPTJModel(nn.Module):
                     f"Packed sequences (cu_seq_lens) come as one row without a KV cache; got {B} rows"
                     f"{' and a cache' if past_key_values or use_cache else ''}."
                 )
-            attn_mask = PackedSequences.from_cu_seq_lens(cu_seq_lens, T)
+            examples = PackedSequences.from_cu_seq_lens(cu_seq_lens, T)
             if position_ids is None:
-                position_ids = attn_mask.position_ids(input_ids.device)
+                position_ids, attn_mask = examples.position_ids(input_ids.device), examples
+            else:  # attention restarts with the positions: at each example, and at each document inside one
+                attn_mask = PackedSequences.from_position_ids(position_ids, examples)
         else:
             if position_ids is None:
                 if attention_mask is not None:

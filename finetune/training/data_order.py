@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finetune.config import ConfigError, TrainerConfig
+from finetune.data.length_grouping import group_steps_by_length
 from finetune.distributed import DistInfo
 
 
@@ -46,9 +48,12 @@ def total_optimizer_steps(trainer: TrainerConfig, *, num_rows: int, world_size: 
 
 def train_batches(
     dataset: datasets.Dataset, collate: Callable, *, info: DistInfo, micro_batch_size: int, seed: int,
-    start: DataPosition, num_workers: int = 0,
+    start: DataPosition, num_workers: int = 0, lengths: Optional[np.ndarray] = None, micro_batches_per_step: int = 1,
 ) -> Iterator[tuple[DataPosition, dict[str, torch.Tensor]]]:
-    """Endless micro batches of this rank from `start` on, each with the position after it."""
+    """Endless micro batches of this rank from `start` on, each with the position after it.
+
+    `lengths` (data.group_by_length): the rows of each step (`micro_batches_per_step` micro batches) go into its
+    micro batches longest first."""
     epoch, skip = start.epoch, start.batches
     while True:
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
@@ -57,6 +62,9 @@ def train_batches(
         indices = list(sampler)
         full = len(indices) // micro_batch_size  # a last partial micro batch is dropped
         batches = [indices[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(full)]
+        if lengths is not None:
+            batches = group_steps_by_length(batches, lengths, micro_batches_per_step=micro_batches_per_step,
+                                            first_step_start=-(epoch * full) % micro_batches_per_step)
         # Its own generator: creating a loader would otherwise draw from the global RNG (dropout's), at a point
         # where a resumed run does and the uninterrupted one does not.
         loader = DataLoader(dataset, batch_sampler=batches[skip:], collate_fn=collate, num_workers=num_workers,

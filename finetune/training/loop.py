@@ -16,6 +16,7 @@ import torch
 
 from finetune.config import DataConfig, TrainerConfig
 from finetune.data import TaskData
+from finetune.data.length_grouping import example_lengths
 from finetune.distributed import DistInfo, all_reduce_sum
 from finetune.tasks import Task
 from finetune.training import faults
@@ -95,7 +96,9 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     eval_batch = trainer.eval_micro_batch_size or trainer.micro_batch_size
     has_eval = data.validation is not None and len(data.validation) > 0
     batches = train_batches(data.train, collate, info=info, micro_batch_size=trainer.micro_batch_size,
-                            seed=trainer.seed, start=position, num_workers=trainer.num_workers)
+                            seed=trainer.seed, start=position, num_workers=trainer.num_workers,
+                            lengths=example_lengths(data.train) if data_cfg.group_by_length else None,
+                            micro_batches_per_step=trainer.grad_accum_steps)
     meter = _Meter(engine.device)
     guard = _NonFiniteGuard(engine, trainer, info)
     last_saved = engine.global_steps if start is not None else -1
@@ -232,7 +235,8 @@ class _Meter:
         self.loss_sum += loss
         self.micro_steps += 1
         self.tokens += float(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
+        # a packed batch is one row holding len(cu_seq_lens) - 1 examples
+        self.samples += batch["cu_seq_lens"].numel() - 1 if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
 
     def end_step(self) -> None:
         if self.device.type == "cuda":
