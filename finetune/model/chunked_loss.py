@@ -5,11 +5,14 @@ logits alone are 1.65 GB, and cross-entropy's softmax and the backward pass add 
 tokens are processed `chunk_tokens` at a time: the forward keeps only each token's log-sum-exp, and the backward
 recomputes one chunk's logits to form its gradients (one extra chunk-sized matmul per chunk, about a third more
 work in the head, ~1 % of a GPT-J 6B step). Peak memory of the loss is one chunk's logits instead of four full
-copies.
+copies. When the head trains, its weight gradient is summed over the chunks in an fp32 buffer (vocabulary x width,
+826 MB for GPT-J 6B) and cast once, so that half-precision training gets the plain path's gradient, not one
+rounded at every chunk; a frozen head (LoRA's default for clm) needs no such buffer.
 
 Numerics follow the plain path `F.cross_entropy(F.linear(h, W, b).float(), t)`: the logits are computed in the
 input's dtype and cast to fp32, the softmax runs in fp32, and the logits' gradient is cast back to the input's
-dtype before the two gradient matmuls. The weight and bias gradients are summed over the chunks in fp32.
+dtype before the two gradient matmuls. Each token's loss and input gradient come from its own row alone, as in
+the plain path.
 """
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Summed over chunks in fp32 and rounded once at the end, as the plain path's single matmul rounds once.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         rows = torch.arange(min(ctx.chunk_tokens, hidden.shape[0]), device=hidden.device)
