@@ -114,7 +114,8 @@ class GPTJForCausalLM(GPTJPreTrainedModel):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # only positions with a target reach the head: prompts and padding cost nothing
         nll = self.lm_head(hidden[:, :-1][keep], targets[keep], chunk_tokens=self.loss_chunk_tokens)
-        token_nll = torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+        # for evaluation records only: detached, so training keeps no graph for it
+        token_nll = torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll.detach())
         loss = nll.sum()
         if loss_reduction == "mean":
             loss = loss / keep.sum()  # no target at all: nan, as F.cross_entropy

@@ -118,6 +118,20 @@ def test_packed_summed_loss_and_gradients_equal_the_examples_alone(task, chunked
         assert rel(p.grad, expected[name]) < 1e-5 or float((p.grad - expected[name]).abs().max()) < 1e-6, name
 
 
+def test_activation_checkpointing_of_packed_rows():
+    net, seqs = model("cls"), examples()
+    net.train()
+    ids, cu = pack(seqs)
+    labels = torch.tensor([0, 2, 1, 2])
+    net(ids, cu_seq_lens=cu, labels=labels).loss.backward()
+    expected = {name: p.grad.clone() for name, p in net.named_parameters()}
+    net.zero_grad()
+    net.gradient_checkpointing_enable()
+    net(ids, cu_seq_lens=cu, labels=labels).loss.backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
 def test_qa_mean_loss_ignores_answers_outside_their_example():
     net, seqs = model("qa"), examples()
     _, kw = loss_inputs("qa", seqs)
