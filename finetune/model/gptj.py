@@ -330,9 +330,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     outputs, start = [], 0
     for length in packed.lengths:
         span = slice(start, start + length)
-        q_i, k_i, v_i = (t[span].transpose(0, 1) for t in (q, k, v))  # (n_head, L, head_dim)
+        # (1, n_head, L, head_dim) views: SDPA's fused kernels take 4-D inputs only (3-D ones run its math path)
+        q_i, k_i, v_i = (t[None, span].transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=length > 1)
-        outputs.append(y.transpose(0, 1))
+        outputs.append(y[0].transpose(0, 1))
         start += length
     return torch.cat(outputs)
 
