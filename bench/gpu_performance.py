@@ -116,7 +116,8 @@ def chunked_loss_case(args, dev: Device) -> dict:
                         generator=torch.Generator(dev.device).manual_seed(1))
     watched = {"lm_head.weight": model.lm_head.weight, "last_layer.fc_out": model.transformer.h[-1].mlp.fc_out.weight}
     rows = {}
-    for name, chunk in (("full", None), ("chunked", default_chunk_tokens(50400)), (f"chunked_{args.chunk}", args.chunk)):
+    variants = (("full", None), ("chunked", default_chunk_tokens(50400)), (f"chunked_{args.chunk}", args.chunk))
+    for name, chunk in variants:
         model.loss_chunk_tokens = chunk
 
         def step():
@@ -206,8 +207,9 @@ def main(args) -> None:
                   "lm_head grad rel. diff |")
             print("|---|---|---|---|---|---|---|")
             for name, row in r["rows"].items():
-                print(f"| {name} | {row['chunk']} | {row['s_per_step']:.3f} | {row['peak_above_weights'] / 2**30:.2f} | "
-                      f"{row['planner_logits_line'] / 2**30:.2f} | {row['loss_rel_diff']:.1e} | "
+                print(f"| {name} | {row['chunk']} | {row['s_per_step']:.3f} | "
+                      f"{row['peak_above_weights'] / 2**30:.2f} | {row['planner_logits_line'] / 2**30:.2f} | "
+                      f"{row['loss_rel_diff']:.1e} | "
                       f"{row['grad_rel_diff']['lm_head.weight']:.1e} |")
         else:
             print(f"\npacking: {r['examples']} examples, {r['real_tokens']} real tokens ({r['padded_slots']} padded "

@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)  # a JSON spec: run one peer rank in this process
     args = p.parse_args(argv)
-    args.step_counts = {**DEFAULT_STEPS, **{k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}}
+    given = (kv.split("=") for kv in args.steps.split(",") if kv)
+    args.step_counts = {**DEFAULT_STEPS, **{task: int(steps) for task, steps in given}}
     return args
 
 
@@ -87,7 +88,8 @@ def data_overrides(task: str, files: dict[str, str]) -> list[str]:
     # `++`: set the key whether or not conf/data/<task>.yaml lists it
     if task == "clm":
         return [f"++data.train_file={files['train']}", f"++data.validation_file={files['validation']}",
-                "++data.prompt_column=prompt", "++data.response_column=response", f"++data.max_seq_len={MAX_LEN['clm']}"]
+                "++data.prompt_column=prompt", "++data.response_column=response",
+                f"++data.max_seq_len={MAX_LEN['clm']}"]
     if task == "qa":
         return [f"++data.max_seq_len={MAX_LEN['qa']}", "++data.doc_stride=128"]
     return [f"++data.max_seq_len={MAX_LEN['cls']}"]
@@ -384,7 +386,7 @@ def qa_metrics(model, tokenizer, examples, max_len, stride=128) -> dict:
         return tokenized
 
     feats = examples.map(features, batched=True, remove_columns=examples.column_names)
-    model_inputs = datasets.Dataset.from_dict({"input_ids": feats["input_ids"], "attention_mask": feats["attention_mask"]})
+    model_inputs = datasets.Dataset.from_dict({key: feats[key] for key in ("input_ids", "attention_mask")})
     starts, ends = predict(model, model_inputs, lambda out: (out.start_logits, out.end_logits))
     predictions = postprocess_qa_predictions(examples, feats, list(starts), list(ends))
     return project_metrics.squad_metrics(predictions, qa_references(examples))

@@ -293,7 +293,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo) -> LoopResult:
         with logger.progress(total_steps, initial_step=engine.global_steps) as progress:
             result = train(
                 engine, task=task, data=data, data_cfg=run.data, trainer=run.trainer,
-                collate=task.collator(tokenizer, run.data), info=info, total_steps=total_steps, checkpointer=checkpointer,
+                collate=task.collator(tokenizer, run.data), info=info, total_steps=total_steps,
+                checkpointer=checkpointer,
                 start=start, log=logger.log, progress=progress, mfu_of=mfu_of,
                 stop_requested=preemption.requested_on_any_rank,
             )

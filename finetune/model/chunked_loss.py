@@ -60,7 +60,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}.")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"Expected hidden (N, d) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}.")
+        raise ValueError(f"Expected hidden (N, d) and targets (N,); got {tuple(hidden.shape)}, {tuple(targets.shape)}.")
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens)
 
 

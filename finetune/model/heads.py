@@ -1,4 +1,5 @@
-"""GPT-J with its three task heads, named and computed like HF's GPTJFor{CausalLM,SequenceClassification,QuestionAnswering}.
+"""GPT-J with its three task heads, named and computed like HF's GPTJForCausalLM, GPTJForSequenceClassification and
+GPTJForQuestionAnswering.
 
 Beyond HF's heads:
 - `loss_reduction="sum"` (keyword-only) returns the loss summed over its targets instead of their mean, so that a
@@ -112,7 +113,7 @@ class GPTJForCausalLM(GPTJPreTrainedModel):
     def _chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_reduction: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # only positions with a target reach the head: prompts and padding cost nothing
+        keep = targets != IGNORE_INDEX  # only positions with a target reach the head (not prompts, padding)
         nll = self.lm_head(hidden[:, :-1][keep], targets[keep], chunk_tokens=self.loss_chunk_tokens)
         # for evaluation records only: detached, so training keeps no graph for it
         token_nll = torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll.detach())
@@ -158,7 +159,7 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
         _check_reduction(loss_reduction)
         hidden, _ = self.transformer(input_ids, attention_mask, position_ids, cu_seq_lens=cu_seq_lens)
         if cu_seq_lens is not None:  # one packed row: each example's last token
-            pooled = hidden[0, PackedSequences.from_cu_seq_lens(cu_seq_lens, hidden.shape[1]).last_token_index()]
+            pooled = hidden[0, cu_seq_lens[1:].long() - 1]
         else:
             last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, n_embd)

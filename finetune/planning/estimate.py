@@ -564,7 +564,8 @@ def logits_item(shape: ModelShape, run: RunShape) -> LineItem:
         C = min(run.loss_chunk_tokens or default_chunk_tokens(V), B * S)
         head_trains = not run.lora or run.lora_train_head
         scratch = max(C * V * (b + 8), C * V * (2 * b + 4) + (V * d * 4 if head_trains else 0))
-        formula = f"B·S·(d·b + 13) + max(C·V·(b + 8), C·V·(2b + 4){' + V·d·4' if head_trains else ''}), C = {C}"
+        head_grad = " + V·d·4" if head_trains else ""
+        formula = f"B·S·(d·b + 13) + max(C·V·(b + 8), C·V·(2b + 4){head_grad}), C = {C}"
         return LineItem("logits and loss (chunked)", "gpu", phase, "activations", B * S * (d * b + 13) + scratch,
                         formula)
     n_logits, logits_f = {"clm": (B * S * V, "B·S·V"), "cls": (B * shape.num_labels, "B·num_labels"),

@@ -105,7 +105,8 @@ def packed_vs_padded_clm(out_dir: Path, info) -> dict:
         assert collate.packed == packs_batches(cfg, "clm")
         torch.manual_seed(0)
         model = build_model(GPTJConfig(**{**TINY, "vocab_size": 50400}), task="clm", loss_chunk_tokens=64)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config(2, micro=4), model_parameters=model.parameters())
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config(2, micro=4),
+                                          model_parameters=model.parameters())
         batches = train_batches(data.train, collate, info=info, micro_batch_size=4, seed=5, start=DataPosition())
         losses, rows = [], []
         for _ in range(STEPS):
