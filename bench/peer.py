@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BUNDLED = ROOT / "finetune" / "assets" / "data"
-DEFAULT_STEPS = {"qa": 200, "cls": 60, "clm": 60}
+DEFAULT_STEPS = {"qa": 150, "cls": 60, "clm": 60}
 MAX_LEN = {"qa": 384, "cls": 128, "clm": 128}  # run_qa / run_glue defaults; instruction examples fit 128
 LR = 1e-2  # conf/lr_for_model/tiny.yaml: the tiny random-init model learns the bundled tasks at this rate
 WARMUP_RATIO = 0.05
@@ -131,39 +131,74 @@ def ds_config(stage: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ running
-class PeakRss:
-    """Samples the RSS of `pid` and the processes below it whose command line contains `marker` (the ranks, not the
-    launcher or a compiler building a DeepSpeed op), and keeps each one's peak."""
+class RankSampler:
+    """Every `interval` s: the RSS and CPU time (user + system, all threads) of the rank processes (`roots` and the
+    processes below them whose command line contains `marker`, not a launcher or a compiler building a DeepSpeed
+    op), and how many optimizer steps `progress` (a file the stack appends a line to per step) shows.
 
-    def __init__(self, pid: int, interval: float = 0.2, marker: str = ""):
+    CPU seconds per step come out of it too: on a shared machine the wall clock of a step depends on the other
+    jobs, while the CPU time a rank spends on it mostly does not (each rank runs one thread of compute).
+    """
+
+    def __init__(self, roots: list[int], *, marker: str, progress: Path, step_marker: str, interval: float = 0.2):
         import psutil
 
-        self.root, self.interval, self.peaks, self.marker = psutil.Process(pid), interval, {}, marker
+        self.roots = [psutil.Process(pid) for pid in roots]
+        self.marker, self.progress, self.step_marker, self.interval = marker, progress, step_marker, interval
+        self.peaks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
+        self.samples: list[tuple[int, float]] = []  # (steps done, CPU seconds of all ranks so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _ranks(self):
+        import psutil
+
+        procs = []
+        for root in self.roots:
+            try:
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for proc in procs:
+            try:
+                command = " ".join(proc.cmdline())
+                if self.marker in command and "deepspeed.launcher" not in command:
+                    yield proc
+            except psutil.NoSuchProcess:
+                pass
 
     def _run(self) -> None:
         import psutil
 
         while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for proc in procs:
+            for proc in self._ranks():
                 try:
-                    command = " ".join(proc.cmdline())
-                    if self.marker in command and "deepspeed.launcher" not in command:
-                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
+                    self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
+                    times = proc.cpu_times()
+                    self.cpu[proc.pid] = times.user + times.system
                 except psutil.NoSuchProcess:
                     pass
+            try:
+                steps = self.progress.read_text().count(self.step_marker)
+            except FileNotFoundError:
+                steps = 0
+            self.samples.append((steps, sum(self.cpu.values())))
             time.sleep(self.interval)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         return max(self.peaks.values(), default=0)
+
+    def cpu_seconds(self, first_step: int, last_step: int) -> float:
+        """CPU seconds of all ranks from the end of step `first_step` to the end of `last_step` (to the sampling
+        interval)."""
+        def at(step: int) -> float:
+            return next(cpu for done, cpu in self.samples if done >= step)
+
+        return at(last_step) - at(first_step)
 
 
 def free_port() -> int:
@@ -191,7 +226,8 @@ def run_ours(task: str, ranks: int, steps: int, init: Path, files: dict, run_dir
     env = {**base_env(), "HF_DATASETS_CACHE": str(run_dir.parent / "cache")}
     env.pop("MASTER_PORT", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = PeakRss(proc.pid, marker="launch/train.py")
+    sampler = RankSampler([proc.pid], marker="launch/train.py", progress=run_dir / "metrics.jsonl",
+                          step_marker='"split": "train"')
     output, _ = proc.communicate()
     peak = sampler.stop()
     if proc.returncode:
@@ -201,8 +237,10 @@ def run_ours(task: str, ranks: int, steps: int, init: Path, files: dict, run_dir
     seconds = [r["step_time"] for r in train]
     tokens = sum(r["tokens_per_s"] * r["step_time"] for r in train)  # real tokens of all ranks (attention mask)
     results = json.loads((run_dir / "eval_results.json").read_text())
+    cpu = sampler.cpu_seconds(args.warmup, steps)
     return {"s_per_step": statistics.median(seconds), "real_tokens_per_s": tokens / sum(seconds),
             "slots_per_s": tokens / sum(seconds), "padding": 0.0, "peak_rss": peak, "metrics": results,
+            "cpu_s_per_step": cpu / (steps - args.warmup), "real_tokens_per_cpu_s": tokens / cpu,
             "first_loss": [r["loss"] for r in records if r["split"] == "train"][0]}
 
 
@@ -217,14 +255,19 @@ def run_peer(task: str, ranks: int, steps: int, init: Path, files: dict, run_dir
     procs = [subprocess.Popen([sys.executable, __file__, "--peer-worker", json.dumps(spec)], cwd=ROOT,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in range(ranks)]
-    samplers = [PeakRss(p.pid, marker="--peer-worker") for p in procs]
+    sampler = RankSampler([p.pid for p in procs], marker="--peer-worker", progress=run_dir / "progress.txt",
+                          step_marker="step")
     codes = [p.wait() for p in procs]
-    peak = max(s.stop() for s in samplers)
+    peak = sampler.stop()
     for log in logs:
         log.close()
     if any(codes):
         sys.exit(f"peer ({task}, {ranks} ranks) failed:\n{(run_dir / 'rank0.log').read_text()[-5000:]}")
-    return {**json.loads((run_dir / "result.json").read_text()), "peak_rss": peak}
+    result = json.loads((run_dir / "result.json").read_text())
+    cpu = sampler.cpu_seconds(args.warmup, steps)
+    real_tokens = result["real_tokens_per_s"] * result["measured_s"]
+    return {**result, "peak_rss": peak, "cpu_s_per_step": cpu / (steps - args.warmup),
+            "real_tokens_per_cpu_s": real_tokens / cpu}
 
 
 # ------------------------------------------------------------------------------------------------ the peer
@@ -273,9 +316,14 @@ def peer_worker(spec: dict) -> None:
 
     marks = []
 
+    progress = Path(spec["output_dir"]) / "progress.txt"
+
     class StepTimes(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             marks.append((time.perf_counter(), counted["real"], counted["slots"]))
+            if int(os.environ["RANK"]) == 0:
+                with progress.open("a") as f:
+                    f.write("step\n")
 
     args = transformers.TrainingArguments(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro_batch"],
@@ -319,6 +367,7 @@ def peer_worker(spec: dict) -> None:
     Path(spec["out"]).write_text(json.dumps({
         "s_per_step": statistics.median(gathered[0]["durations"]),
         "real_tokens_per_s": real / seconds, "slots_per_s": slots / seconds, "padding": 1 - real / slots,
+        "measured_s": seconds,
         "metrics": metrics, "first_loss": first_loss}))
 
 
@@ -462,8 +511,9 @@ def main(args) -> None:
                     t0 = time.perf_counter()
                     row[stack] = run(task, ranks, steps, init, files, work / f"{task}_{ranks}_{stack}", args)
                     row[stack]["wall_s"] = time.perf_counter() - t0
-                    print(f"[bench] {task} {ranks} rank(s) {stack}: {row[stack]['s_per_step']:.3f} s/step, "
-                          f"{row[stack]['real_tokens_per_s']:.0f} real tokens/s, padding {row[stack]['padding']:.0%}, "
+                    print(f"[bench] {task} {ranks} rank(s) {stack}: {row[stack]['s_per_step']:.3f} s/step "
+                          f"({row[stack]['cpu_s_per_step']:.3f} CPU s), {row[stack]['real_tokens_per_s']:.0f} real "
+                          f"tokens/s, padding {row[stack]['padding']:.0%}, "
                           f"peak RSS {row[stack]['peak_rss'] / 2**30:.2f} GiB, "
                           f"{ {k: round(row[stack]['metrics'][k], 3) for k in MAIN_METRIC[task]} }", flush=True)
                 results.append(row)
@@ -478,21 +528,26 @@ def main(args) -> None:
 
 def print_table(results, args) -> None:
     print(f"\nGPT-J tiny (2 layers x width 64, vocab 50400), fp32, CPU ranks, ZeRO-{args.stage}, global batch "
-          f"{args.global_batch} (micro {args.micro_batch}); timing over the steps after the first {args.warmup}\n")
-    print("| task | ranks | steps | stack | s/step | real tokens/s | slots/s | padding | peak RSS GiB | metric | "
-          "real tokens/s ours / peer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.global_batch} (micro {args.micro_batch}); timing over the steps after the first {args.warmup}. "
+          "Wall-clock figures depend on the machine's other load; CPU figures (user + system time of the rank "
+          "processes) much less.\n")
+    print("| task | ranks | steps | stack | s/step | CPU s/step | real tokens/s | real tokens per CPU s | slots/s | "
+          "padding | peak RSS GiB | metric | ours / peer: real tokens/s | per CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for stack in ("ours", "peer"):
             if stack not in r:
                 continue
             s = r[stack]
-            metric = ", ".join(f"{k} {s['metrics'][k]:.2f}" for k in MAIN_METRIC[r["task"]])
-            ratio = (f"{r['ours']['real_tokens_per_s'] / r['peer']['real_tokens_per_s']:.1f}x"
-                     if stack == "ours" and "peer" in r else "")
+            metric = ", ".join(f"{k} {s['metrics'][k]:.3f}" for k in MAIN_METRIC[r["task"]])
+            ratios = " | "
+            if stack == "ours" and "peer" in r:
+                p = r["peer"]
+                ratios = (f"{s['real_tokens_per_s'] / p['real_tokens_per_s']:.1f}x | "
+                          f"{s['real_tokens_per_cpu_s'] / p['real_tokens_per_cpu_s']:.1f}x")
             print(f"| {r['task']} | {r['ranks']} | {r['steps']} | {stack} | {s['s_per_step']:.3f} | "
-                  f"{s['real_tokens_per_s']:.0f} | {s['slots_per_s']:.0f} | {s['padding']:.0%} | "
-                  f"{s['peak_rss'] / 2**30:.2f} | {metric} | {ratio} |")
+                  f"{s['cpu_s_per_step']:.3f} | {s['real_tokens_per_s']:.0f} | {s['real_tokens_per_cpu_s']:.0f} | "
+                  f"{s['slots_per_s']:.0f} | {s['padding']:.0%} | {s['peak_rss'] / 2**30:.2f} | {metric} | {ratios} |")
 
 
 if __name__ == "__main__":
