@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from finetune.config import ConfigError, ModelConfig
-from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model, hf_weights
+from finetune.model import GPTJConfig, GPTJPreTrainedModel, build_model, default_chunk_tokens, hf_weights
 
 CONFIG_DTYPES = ("bf16", "fp16", "fp32")  # the names config files use (hf_weights.torch_dtype also takes HF's)
 
@@ -42,4 +42,14 @@ def build_model_from_config(
             model_cfg.path, task=task, dtype=dtype, config_overrides=overrides or None, device=device or "cpu"
         )
     model.gradient_checkpointing_enable(model_cfg.gradient_checkpointing)
+    if task == "clm":
+        model.loss_chunk_tokens = loss_chunk_tokens(model_cfg, model.config)
     return model
+
+
+def loss_chunk_tokens(model_cfg: ModelConfig, config: GPTJConfig) -> Optional[int]:
+    """Tokens per chunk of the causal-LM loss (model.loss_chunk_tokens, else chosen from the vocabulary); None when
+    model.chunked_loss is off."""
+    if not model_cfg.chunked_loss:
+        return None
+    return model_cfg.loss_chunk_tokens or default_chunk_tokens(config.vocab_size)

@@ -24,6 +24,11 @@ class ModelConfig:
     # Overrides of GPTJConfig fields for the preset (e.g. {n_layer: 4}).
     overrides: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    # Causal LM: compute the training and evaluation loss chunk by chunk over tokens, so that the (tokens x vocab)
+    # fp32 logits never exist whole (false: full logits, as transformers).
+    chunked_loss: bool = True
+    # Tokens per chunk of that loss; null: chosen from the vocabulary (512 for GPT-J's 50400, ~100 MB of logits).
+    loss_chunk_tokens: Optional[int] = None
 
 
 BAD_ROW_POLICIES = ("error", "skip")
@@ -56,9 +61,16 @@ class DataConfig:
     # The example id column: QA matches predictions to examples by it; predict copies it to its output.
     id_column: str = "id"
 
+    # How examples share rows (finetune/data/packing.py): auto | stream | documents | examples | none (true: auto,
+    # false: none). auto: `stream` for plain text, `examples` (padding-free batches) for instruction, cls and qa.
+    packing: Any = "auto"
+    # Training: order each step's rows by length before cutting them into micro batches (less padding; the rows of
+    # each step are unchanged). Evaluation: go through the validation set longest first (results in input order).
+    group_by_length: bool = False
+    eval_group_by_length: bool = True
+
     # clm (text_column and truncation: cls too)
     text_column: str = "text"
-    packing: bool = True
     # Instruction data: prompt/response columns (or a template over columns); loss only on the response.
     prompt_column: Optional[str] = None
     response_column: Optional[str] = None
@@ -364,6 +376,14 @@ def validate(run: RunConfig) -> None:
     v2 = run.data.version_2_with_negative
     _require(isinstance(v2, bool) or v2 == "auto", "data.version_2_with_negative",
              run.data.version_2_with_negative, "use auto (detect unanswerable questions), true or false.")
+
+    from finetune.data.packing import packing_mode
+
+    packing_mode(run.data, run.task)  # raises a ConfigError naming data.packing
+    chunk = run.model.loss_chunk_tokens
+    _require(chunk is None or (not isinstance(chunk, bool) and chunk > 0), "model.loss_chunk_tokens", chunk,
+             "set the tokens per chunk of the causal-LM loss to a positive number (e.g. 512), or null to choose it "
+             "from the vocabulary size; model.chunked_loss=false turns chunking off.")
     _require(run.data.on_bad_row in BAD_ROW_POLICIES, "data.on_bad_row", run.data.on_bad_row,
              f"use one of {', '.join(BAD_ROW_POLICIES)} (error stops at the first load; skip drops and counts).")
     for key in ("device_memory_gb", "cpu_memory_gb"):

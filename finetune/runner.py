@@ -98,7 +98,7 @@ def build_training_model(
     """
     import deepspeed
 
-    from finetune.builders import torch_dtype
+    from finetune.builders import loss_chunk_tokens, torch_dtype
     from finetune.model.hf_weights import load_state_into, resolve_model_dir
 
     dtype = torch_dtype(run.model.dtype)
@@ -122,6 +122,8 @@ def build_training_model(
         if not partitioned:
             model = model.to(dtype)
     model.gradient_checkpointing_enable(run.model.gradient_checkpointing)
+    if run.task == "clm":
+        model.loss_chunk_tokens = loss_chunk_tokens(run.model, config)
     return model
 
 
@@ -376,7 +378,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
         with logger.progress(total_steps, initial_step=engine.global_steps) as progress:
             result = train(
                 engine, task=task, data=data, data_cfg=run.data, trainer=run.trainer,
-                collate=task.collator(tokenizer), info=info, total_steps=total_steps, checkpointer=checkpointer,
+                collate=task.collator(tokenizer, run.data), info=info, total_steps=total_steps,
+                checkpointer=checkpointer,
                 start=start, log=logger.log, progress=progress, mfu_of=mfu_of,
                 stop_requested=preemption.requested_on_any_rank,
             )

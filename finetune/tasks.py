@@ -1,13 +1,14 @@
 """The three tasks as small plug-ins of the one training loop.
 
-A task decides what the loop cannot know by itself: the model-config tweaks its head needs, how many loss targets
-a batch holds (the loop normalises the summed loss of a whole global batch by their count), what to keep of
-each evaluated row (small, picklable, gathered across ranks), and how those rows become metrics.
-Data loading and collation are shared (`finetune.data`); the head is picked by the task name (`build_model`).
+A task decides what the loop cannot know by itself: the model-config tweaks its head needs, how many loss
+targets a batch holds, what to keep of each evaluated row (small, picklable, gathered across ranks), and how those
+rows become metrics. Data loading and collation are shared (`finetune.data`); the head is picked by the task name
+(`build_model`). Batches are padded rows or one packed row (`cu_seq_lens`, data.packing); records and target
+counts are per example either way.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from finetune import metrics
 from finetune.config import DataConfig
 from finetune.data import DataCollator, TaskData, load_task_data, postprocess_qa_predictions, qa_references
 from finetune.data.collate import IGNORE_INDEX
+from finetune.data.packing import packs_batches
 from finetune.model.tokenizer import GPTJTokenizer
 
 
@@ -28,7 +30,7 @@ class Task(Protocol):
 
     def load_data(self, cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData: ...
 
-    def collator(self, tokenizer: GPTJTokenizer) -> DataCollator: ...
+    def collator(self, tokenizer: GPTJTokenizer, cfg: Optional[DataConfig] = None) -> DataCollator: ...
 
     def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]: ...
 
@@ -48,17 +50,18 @@ class _BaseTask:
     def load_data(self, cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
         return load_task_data(self.name, cfg, tokenizer)
 
-    def collator(self, tokenizer: GPTJTokenizer) -> DataCollator:
-        return DataCollator(tokenizer.pad_token_id)
+    def collator(self, tokenizer: GPTJTokenizer, cfg: Optional[DataConfig] = None) -> DataCollator:
+        """Padded rows, or one packed row per micro batch when `cfg.packing` says so (None: padded)."""
+        return DataCollator(tokenizer.pad_token_id, packed=cfg is not None and packs_batches(cfg, self.name))
+
+    def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """0-dim int64 on the batch's device: the examples of the batch (cls, qa), whatever the row layout."""
+        examples = batch["labels"] if "labels" in batch else batch["start_positions"]
+        return torch.tensor(examples.shape[0], dtype=torch.int64, device=examples.device)
 
     def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]:
         # GPT-J pads with <|endoftext|>; saying so in config.json lets transformers' heads batch padded inputs.
         return {"pad_token_id": tokenizer.pad_token_id}
-
-    def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # One loss per example (cls) or feature (qa).
-        ids = batch["input_ids"]
-        return torch.tensor(ids.shape[0], dtype=torch.int64, device=ids.device)
 
 
 class CausalLMTask(_BaseTask):
@@ -69,11 +72,19 @@ class CausalLMTask(_BaseTask):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
-        # Per row (summed token NLL, token count): the dataset perplexity weighs every token alike.
-        logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # (B, T-1)
-        counts = (labels != -100).sum(-1)
-        return [(float(s), int(c)) for s, c in zip(nll.sum(-1).tolist(), counts.tolist())]
+        # Per example (summed token NLL, token count): the dataset perplexity weighs every token alike.
+        labels = batch["labels"][:, 1:]
+        if getattr(outputs, "token_nll", None) is not None:  # the chunked loss: no logits
+            nll = outputs.token_nll  # (B, T-1)
+        else:
+            nll = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+                                  reduction="none")
+        counts = labels != -100
+        if "cu_seq_lens" in batch:  # one packed row: example i predicts at positions [cu_i, cu_i+1) of the shift
+            bounds = batch["cu_seq_lens"].tolist()
+            spans = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+            return [(float(nll[0, span].sum()), int(counts[0, span].sum())) for span in spans]
+        return [(float(s), int(c)) for s, c in zip(nll.sum(-1).tolist(), counts.sum(-1).tolist())]
 
     def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]:
         total_nll = sum(r[0] for r in records)
@@ -114,9 +125,12 @@ class QuestionAnsweringTask(_BaseTask):
 
     def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
         loss = float(outputs.loss) if outputs.loss is not None else float("nan")
-        lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: the real tokens come first
         starts = outputs.start_logits.float().cpu().numpy()
         ends = outputs.end_logits.float().cpu().numpy()
+        if "cu_seq_lens" in batch:  # one packed row: each feature's logits on its own tokens
+            bounds = batch["cu_seq_lens"].tolist()
+            return [(loss, starts[0, a:b], ends[0, a:b]) for a, b in zip(bounds, bounds[1:])]
+        lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: the real tokens come first
         return [(loss, s[:n], e[:n]) for s, e, n in zip(starts, ends, lengths)]
 
     def compute_eval_metrics(self, records: list[Any], data: TaskData, cfg: DataConfig) -> dict[str, float]:

@@ -26,7 +26,7 @@ from finetune.builders import torch_dtype  # noqa: E402
 from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError, DataConfig, TaskConfig, to_typed  # noqa: E402
 from finetune.data.sources import BUNDLED_DATA_DIR  # noqa: E402
-from finetune.model import build_model  # noqa: E402
+from finetune.model import build_model, default_chunk_tokens  # noqa: E402
 from finetune.model.hf_weights import load_state_into, read_config, resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
 from finetune.tasks import Task, get_task  # noqa: E402
@@ -65,6 +65,8 @@ def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool
         load_state_into(model, model_dir)
     else:  # an adapter is merged into its base on every rank first; deepspeed.initialize then partitions it
         model = load_model_for_inference(model_dir, task=task, dtype=dtype, base_model=base_model)
+    if task == "clm":  # the evaluation loss chunk by chunk: no (tokens x vocab) logits
+        model.loss_chunk_tokens = default_chunk_tokens(model.config.vocab_size)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return engine
 
@@ -114,7 +116,7 @@ def main(cfg: DictConfig) -> None:
                                   micro_batch_size=cfg.eval.micro_batch_size, world_size=info.world_size,
                                   base_model=cfg.base_model)
         check_labels(task, engine.module.config, data)
-        metrics = evaluate(engine, task, data, data_cfg, task.collator(tokenizer), info=info,
+        metrics = evaluate(engine, task, data, data_cfg, task.collator(tokenizer, data_cfg), info=info,
                            micro_batch_size=cfg.eval.micro_batch_size)
         if info.is_main:
             print(f"{task.name} | {cfg.model.path} | split {cfg.eval.split} | {len(data.validation)} rows | "

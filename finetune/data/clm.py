@@ -1,9 +1,15 @@
 """Causal language modelling data: plain text (packed or one example per document) and prompt/response data.
 
 Plain text: each document is tokenized and followed by `<|endoftext|>`; labels equal input_ids (the model shifts
-them). With `packing`, the token stream of each group of `MAP_BATCH_SIZE` documents is cut into blocks of
-`max_seq_len`; the group's last, shorter block is KEPT (the collator pads it), so no token is ever dropped.
-Documents are not masked from each other inside a block; the `<|endoftext|>` between them marks the boundary.
+them). `data.packing` (finetune.data.packing) decides the rows:
+- `stream` (plain text's default): the token stream of each group of `MAP_BATCH_SIZE` documents is cut into
+  blocks of `max_seq_len`; the group's last, shorter block is KEPT (the collator pads it), so no token is ever
+  dropped. Documents are not masked from each other inside a block; the `<|endoftext|>` between them marks the
+  boundary.
+- `documents`: the same blocks with a `seq_lens` column, the lengths of the document pieces in each block; the
+  collator restarts positions and attention at each piece. With `truncation: false`, blocks take whole
+  documents only and a document over `max_seq_len` is a bad row.
+- `examples` (instruction data's default) and `none`: one example per row, its first `max_seq_len` tokens.
 Empty documents (blank lines) are skipped.
 
 Prompt/response data: the prompt (a column, or `prompt_template` filled from columns) and the response are
@@ -12,8 +18,8 @@ on prompt tokens, so the loss covers the response and its end-of-text only. Bloc
 with no response token are dropped.
 
 Bad rows (`check_clm_rows`): a text, prompt or response that is null or not a string, an empty response, a
-template that cannot be filled from the row, and, unpacked with `truncation: false`, an example over
-`max_seq_len` tokens. Empty plain-text documents are not bad: they are skipped silently.
+template that cannot be filled from the row, and, with `truncation: false` and any packing but `stream`, an
+example over `max_seq_len` tokens. Empty plain-text documents are not bad: they are skipped silently.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import datasets
 from finetune.config import ConfigError, DataConfig
 from finetune.data.bad_rows import TOO_LONG, WRONG_TYPE, BadRow, text_problem
 from finetune.data.errors import DataError
+from finetune.data.packing import cut_blocks, fit_whole, packing_mode
 from finetune.data.pipeline import MASK, TOKENS, drop_bad_rows, map_split
 from finetune.data.sources import RawSplit, load_splits, require_columns
 from finetune.data.task_data import TaskData
@@ -33,12 +40,13 @@ from finetune.model.tokenizer import GPTJTokenizer
 
 IGNORE_INDEX = -100
 FEATURES = datasets.Features({"input_ids": TOKENS, "attention_mask": MASK, "labels": TOKENS})
+DOCUMENT_FEATURES = datasets.Features({**FEATURES, "seq_lens": TOKENS})
 
 
 @dataclass(frozen=True)
 class ClmParams:
     max_seq_len: int
-    packing: bool
+    packing: str  # stream | documents | examples | none (finetune.data.packing)
     truncation: bool
     text_column: str
     prompt_column: Optional[str]
@@ -61,7 +69,7 @@ def clm_params(cfg: DataConfig, *, text_format: bool = False) -> ClmParams:
         raise ConfigError(f"data.max_seq_len={cfg.max_seq_len} is too small; use at least 2 (GPT-J allows 2048).")
     return ClmParams(
         max_seq_len=cfg.max_seq_len,
-        packing=cfg.packing,
+        packing=packing_mode(cfg, "clm"),
         truncation=cfg.truncation,
         text_column="text" if text_format else cfg.text_column,
         prompt_column=cfg.prompt_column,
@@ -88,17 +96,18 @@ def check_clm_rows(batch: dict[str, list], *, tokenizer: GPTJTokenizer, params: 
     """The problem of each row of a raw batch, or None for a good row (see the module docstring)."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     problems = [_row_problem(row, params) for row in rows]
-    if params.packing or params.truncation:
+    if params.packing == "stream" or params.truncation:  # the stream is cut anywhere by design
         return problems
     good = [i for i, problem in enumerate(problems) if problem is None]
     field = params.response_column if params.instruction else params.text_column
     for i, length in zip(good, _sequence_lengths([rows[i] for i in good], tokenizer, params)):
         if length > params.max_seq_len:
+            packed = f" (data.packing={params.packing} keeps every example whole)" if params.packing != "none" else ""
             problems[i] = BadRow(
                 field,
                 TOO_LONG,
                 f"the example has {length} tokens, more than data.max_seq_len={params.max_seq_len}, and "
-                "data.truncation is false. Raise data.max_seq_len, set data.truncation=true, or shorten it.",
+                f"data.truncation is false{packed}. Raise data.max_seq_len, set data.truncation=true, or shorten it.",
             )
     return problems
 
@@ -143,20 +152,21 @@ def build_clm_features(batch: dict[str, list], indices: list[int], *, tokenizer:
     sequences = _instruction_sequences(batch, tokenizer, params) if params.instruction else (
         _text_sequences(batch, tokenizer, params)
     )
-    if params.packing:
-        ids = [token for seq_ids, _ in sequences for token in seq_ids]
-        labels = [label for _, seq_labels in sequences for label in seq_labels]
-        step = params.max_seq_len
-        blocks = [(ids[i : i + step], labels[i : i + step]) for i in range(0, len(ids), step)]
+    if params.packing in ("stream", "documents"):
+        pack = fit_whole if (params.packing == "documents" and not params.truncation) else cut_blocks
+        blocks = pack(sequences, params.max_seq_len)
     else:
-        blocks = [(ids[: params.max_seq_len], labels[: params.max_seq_len]) for ids, labels in sequences]
+        blocks = [(ids[: params.max_seq_len], labels[: params.max_seq_len], []) for ids, labels in sequences]
     # A block with no response token adds nothing to the loss (and a batch of them would divide by zero).
-    blocks = [(ids, labels) for ids, labels in blocks if any(label != IGNORE_INDEX for label in labels)]
-    return {
-        "input_ids": [ids for ids, _ in blocks],
-        "attention_mask": [[1] * len(ids) for ids, _ in blocks],
-        "labels": [labels for _, labels in blocks],
+    blocks = [block for block in blocks if any(label != IGNORE_INDEX for label in block[1])]
+    out = {
+        "input_ids": [ids for ids, _, _ in blocks],
+        "attention_mask": [[1] * len(ids) for ids, _, _ in blocks],
+        "labels": [labels for _, labels, _ in blocks],
     }
+    if params.packing == "documents":
+        out["seq_lens"] = [pieces for _, _, pieces in blocks]
+    return out
 
 
 def _text_sequences(batch, tokenizer: GPTJTokenizer, params: ClmParams) -> list[tuple[list[int], list[int]]]:
@@ -185,7 +195,7 @@ def process_clm_split(
     split, skipped = drop_bad_rows(split, check_clm_rows, tokenizer=tokenizer, params=params, cfg=cfg)
     features = map_split(
         split, build_clm_features, tokenizer=tokenizer, params=params, cfg=cfg, desc=f"clm {split.name}",
-        features=FEATURES,
+        features=DOCUMENT_FEATURES if params.packing == "documents" else FEATURES,
     )
     if len(features) == 0:
         raise DataError(

@@ -6,9 +6,10 @@ from typing import Optional
 
 import datasets
 
-# Columns the model consumes, per task; others (QA's example_id, offset_mapping) are for post-processing only.
+# Columns the collator consumes, per task; others (QA's example_id, offset_mapping) are for post-processing only.
+# seq_lens: the document pieces of a clm block (data.packing=documents).
 MODEL_INPUT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "clm": ("input_ids", "attention_mask", "labels"),
+    "clm": ("input_ids", "attention_mask", "labels", "seq_lens"),
     "cls": ("input_ids", "attention_mask", "labels"),
     "qa": ("input_ids", "attention_mask", "start_positions", "end_positions"),
 }
@@ -18,7 +19,7 @@ MODEL_INPUT_COLUMNS: dict[str, tuple[str, ...]] = {
 class TaskData:
     """Model-ready features of one task.
 
-    clm: input_ids, attention_mask, labels (-100: no loss).
+    clm: input_ids, attention_mask, labels (-100: no loss); with data.packing=documents also seq_lens.
     cls: input_ids, attention_mask, labels (int; multi-hot list[float]; or float for regression).
     qa: input_ids, attention_mask, start_positions, end_positions; `validation` also keeps example_id and
     offset_mapping ((start, end) into the context for context tokens, None elsewhere) for post-processing, and

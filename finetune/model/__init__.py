@@ -1,5 +1,6 @@
 """GPT-J backbone and heads (no training code here)."""
-from finetune.model.gptj import PRESETS, GPTJConfig, GPTJModel, KVCache, ModelConfigError
+from finetune.model.chunked_loss import LMHead, default_chunk_tokens
+from finetune.model.gptj import PRESETS, GPTJConfig, GPTJModel, KVCache, ModelConfigError, PackedSequences
 from finetune.model.heads import (
     ARCHITECTURES,
     HEADS,
@@ -16,5 +17,6 @@ from finetune.model.heads import (
 __all__ = [
     "PRESETS", "GPTJConfig", "GPTJModel", "KVCache", "ModelConfigError", "ARCHITECTURES", "HEADS",
     "CausalLMOutput", "GPTJForCausalLM", "GPTJForQuestionAnswering", "GPTJForSequenceClassification",
-    "GPTJPreTrainedModel", "QuestionAnsweringOutput", "SequenceClassifierOutput", "build_model",
+    "GPTJPreTrainedModel", "QuestionAnsweringOutput", "SequenceClassifierOutput", "build_model", "LMHead",
+    "default_chunk_tokens", "PackedSequences",
 ]

@@ -4,15 +4,21 @@ One block: a single LayerNorm feeds attention and MLP in parallel, and the block
 x + attn(ln(x)) + mlp(ln(x)). Rotary embeddings cover the first `rotary_dim` dims of each head,
 interleaved ("rotate every two", as in the original Mesh-Transformer-JAX code).
 Module and parameter names are HF's, so HF state dicts load with strict=True.
+
+Packed sequences (padding-free batches): several examples concatenated into one row, described by `cu_seq_lens`
+(the cumulative lengths, as flash-attn's varlen kernels take them). Positions restart at every example and
+attention is causal within each example only, so every example computes exactly what it would alone.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +203,7 @@ class GPTJAttention(nn.Module):
         x: torch.Tensor,
         sin: torch.Tensor,
         cos: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
+        attn_mask: Union[torch.Tensor, "PackedSequences", None],
         past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
@@ -207,6 +213,10 @@ class GPTJAttention(nn.Module):
         rd = self.rotary_dim or self.head_dim
         q = torch.cat([apply_rotary(q[..., :rd], sin, cos), q[..., rd:]], dim=-1)
         k = torch.cat([apply_rotary(k[..., :rd], sin, cos), k[..., rd:]], dim=-1)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if isinstance(attn_mask, PackedSequences):  # one packed row: (T, n_head, head_dim) per example
+            y = packed_attention(q[0], k[0], v[0], attn_mask, dropout_p=dropout_p).reshape(B, T, C)
+            return self.resid_dropout(self.out_proj(y)), (k.transpose(1, 2), v.transpose(1, 2))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_dim)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
@@ -215,7 +225,7 @@ class GPTJAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
+            dropout_p=dropout_p,
             is_causal=attn_mask is None and T > 1,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -245,6 +255,87 @@ class GPTJBlock(nn.Module):
         h = self.ln_1(x)
         attn_out, present = self.attn(h, sin, cos, attn_mask, past)
         return x + attn_out + self.mlp(h), present
+
+
+# --- packed sequences -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedSequences:
+    """The examples of one packed row: `cu_seq_lens` (n + 1,) int32 on the model's device, and their lengths on
+    the host (the kernels and the per-example loop need them there; read once per forward)."""
+
+    cu_seq_lens: torch.Tensor
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_cu_seq_lens(cls, cu_seq_lens: torch.Tensor, total: int) -> "PackedSequences":
+        bounds = cu_seq_lens.tolist()
+        lengths = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        if bounds[0] != 0 or bounds[-1] != total or min(lengths, default=0) < 1:
+            raise ValueError(
+                f"cu_seq_lens {bounds[:8]}{'...' if len(bounds) > 8 else ''} must rise from 0 to the packed row's "
+                f"length {total} in steps of at least 1 (one step per example)."
+            )
+        return cls(cu_seq_lens.to(torch.int32), lengths)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, examples: "PackedSequences") -> "PackedSequences":
+        """The runs of a packed row that start at each position 0: `examples`, or finer when an example holds
+        several documents (data.packing=documents), each restarting its positions."""
+        total = position_ids.shape[1]
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        example_starts = [0, *itertools.accumulate(examples.lengths[:-1])]
+        if starts == example_starts:
+            return examples
+        if not set(example_starts) <= set(starts):
+            raise ValueError("position_ids of a packed row must restart at 0 where each example of cu_seq_lens starts.")
+        bounds = starts + [total]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=examples.cu_seq_lens.device)
+        return cls(cu, tuple(b - a for a, b in zip(bounds, bounds[1:])))
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        """(1, total): 0, 1, ... restarting at every example, as each example alone would have."""
+        starts = torch.repeat_interleave(self.cu_seq_lens[:-1].long(), torch.tensor(self.lengths, device=device))
+        return (torch.arange(int(self.cu_seq_lens[-1]), device=device) - starts)[None]
+
+    def last_token_index(self) -> torch.Tensor:
+        """(n,): the index of each example's last token in the packed row."""
+        return self.cu_seq_lens[1:].long() - 1
+
+
+@functools.cache
+def _flash_varlen():
+    """flash-attn's variable-length kernel when the package is installed (GPU only), else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, *,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention within each example of a packed row. q, k, v: (T, n_head, head_dim) -> (T, n_head, head_dim).
+
+    flash-attn's varlen kernel on a GPU (fp16/bf16) when installed; otherwise SDPA once per example, which does
+    exactly the work of the unpacked examples (a block-diagonal mask over the whole row would cost T^2).
+    """
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        cu, longest = packed.cu_seq_lens, packed.max_len
+        return flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
+    outputs, start = [], 0
+    for length in packed.lengths:
+        span = slice(start, start + length)
+        # (1, n_head, L, head_dim) views: SDPA's fused kernels take 4-D inputs only (3-D ones run its math path)
+        q_i, k_i, v_i = (t[None, span].transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=length > 1)
+        outputs.append(y[0].transpose(0, 1))
+        start += length
+    return torch.cat(outputs)
 
 
 # --- the backbone ---------------------------------------------------------------------------------
@@ -293,7 +384,10 @@ class GPTJModel(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
+        cu_seq_lens: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        """`cu_seq_lens` (n + 1,): input_ids is one packed row of n examples (see the module docstring). Attention
+        stays within each example, and within each run of `position_ids` that starts at 0 when they are given."""
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         if attention_mask is not None and attention_mask.shape[1] != past_len + T:
@@ -301,12 +395,25 @@ class GPTJModel(nn.Module):
                 f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_len} and "
                 f"input_ids {T}; pass the mask of the whole sequence so far."
             )
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = position_ids_from_mask(attention_mask, T)
-            else:
-                position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        attn_mask = attention_mask_4d(attention_mask, T, past_len + T, input_ids.device)
+        attn_mask: Union[torch.Tensor, PackedSequences, None]
+        if cu_seq_lens is not None:
+            if B != 1 or past_key_values or use_cache:
+                raise ValueError(
+                    f"Packed sequences (cu_seq_lens) come as one row without a KV cache; got {B} rows"
+                    f"{' and a cache' if past_key_values or use_cache else ''}."
+                )
+            examples = PackedSequences.from_cu_seq_lens(cu_seq_lens, T)
+            if position_ids is None:
+                position_ids, attn_mask = examples.position_ids(input_ids.device), examples
+            else:  # attention restarts with the positions: at each example, and at each document inside one
+                attn_mask = PackedSequences.from_position_ids(position_ids, examples)
+        else:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = position_ids_from_mask(attention_mask, T)
+                else:
+                    position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+            attn_mask = attention_mask_4d(attention_mask, T, past_len + T, input_ids.device)
         sin, cos = rotary_sin_cos(position_ids, self.config.rotary_dim or self.config.head_dim)
 
         x = self.drop(self.wte(input_ids))  # (B, T, n_embd)

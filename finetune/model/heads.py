@@ -1,4 +1,15 @@
-"""GPT-J with its three task heads, named and computed like HF's GPTJFor{CausalLM,SequenceClassification,QuestionAnswering}."""
+"""GPT-J with its three task heads, named and computed like HF's GPTJForCausalLM, GPTJForSequenceClassification and
+GPTJForQuestionAnswering.
+
+Beyond HF's heads:
+- `loss_reduction="sum"` (keyword-only) returns the loss summed over its targets instead of their mean, so that a
+  training loop can weigh every target of a global batch alike (clm: target tokens; cls and qa: examples).
+- `cu_seq_lens`: input_ids is one packed row of several examples (finetune.model.gptj); the outputs are the same
+  per example as unpacked: cls pools each example's last token, qa scores each example's span on its own tokens.
+- The causal-LM head computes its loss chunk by chunk over tokens when `loss_chunk_tokens` is set
+  (finetune.model.chunked_loss): with labels, the full (tokens x vocab) logits are then never built, and the
+  output carries each target's loss (`token_nll`) instead. Without labels (generation) it returns logits as HF.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,25 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.model.gptj import GPTJConfig, GPTJModel, KVCache, init_module_weights
+from finetune.model.chunked_loss import LMHead
+from finetune.model.gptj import GPTJConfig, GPTJModel, KVCache, PackedSequences, init_module_weights
 
+IGNORE_INDEX = -100
 # "mean": Hugging Face's loss. "sum": summed over the loss targets, which the training loop divides by the target
 # count of the whole global batch (finetune.training.loss).
 LOSS_REDUCTIONS = ("mean", "sum")
-
-
-def _check_reduction(loss_reduction: str) -> str:
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction={loss_reduction!r}; use one of {', '.join(LOSS_REDUCTIONS)}.")
-    return loss_reduction
 
 
 # NamedTuples rather than dataclasses: DeepSpeed's ZeRO-3 hooks walk tuples to find the output tensors
 # (for its backward-pass parameter gathering); a dataclass hides them and draws a warning.
 class CausalLMOutput(NamedTuple):
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor  # (B, T, vocab), fp32
+    logits: Optional[torch.Tensor]  # (B, T, vocab), fp32; None when the loss was computed in chunks
     past_key_values: Optional[KVCache] = None
+    # Chunked loss only: (B, T - 1) fp32, the loss of predicting labels[:, 1:] at each position (0 where ignored).
+    token_nll: Optional[torch.Tensor] = None
 
 
 class SequenceClassifierOutput(NamedTuple):
@@ -36,8 +45,13 @@ class SequenceClassifierOutput(NamedTuple):
 
 class QuestionAnsweringOutput(NamedTuple):
     loss: Optional[torch.Tensor]
-    start_logits: torch.Tensor  # (B, T), fp32
+    start_logits: torch.Tensor  # (B, T), fp32 (packed: (1, total), each example's logits on its own tokens)
     end_logits: torch.Tensor
+
+
+def _check_reduction(loss_reduction: str) -> None:
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction={loss_reduction!r}; use 'mean' (as transformers) or 'sum'.")
 
 
 class GPTJPreTrainedModel(nn.Module):
@@ -63,11 +77,13 @@ class GPTJPreTrainedModel(nn.Module):
 
 
 class GPTJForCausalLM(GPTJPreTrainedModel):
-    def __init__(self, config: GPTJConfig):
+    def __init__(self, config: GPTJConfig, *, loss_chunk_tokens: Optional[int] = None):
         super().__init__(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # Tokens per chunk of the loss with labels; None: full logits and F.cross_entropy, as transformers.
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(
         self,
@@ -77,22 +93,39 @@ class GPTJForCausalLM(GPTJPreTrainedModel):
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
         labels: Optional[torch.Tensor] = None,
+        cu_seq_lens: Optional[torch.Tensor] = None,
         *,
         loss_reduction: str = "mean",
     ) -> CausalLMOutput:
         """`loss_reduction`: "mean" (HF's) is the mean NLL over target tokens (labels[:, 1:] != -100); "sum" is
-        their summed NLL, for a training loop that normalises over a whole global batch itself."""
-        hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        their summed NLL, for a training loop that normalises over a whole global batch itself. With labels and
+        model.chunked_loss the NLL is computed chunk by chunk (no full fp32 logits; `logits` is then None)."""
+        _check_reduction(loss_reduction)
+        hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                            cu_seq_lens)
+        if labels is not None and self.loss_chunk_tokens:
+            loss, token_nll = self._chunked_loss(hidden, labels, loss_reduction)
+            return CausalLMOutput(loss=loss, logits=None, past_key_values=presents, token_nll=token_nll)
         # fp32 logits as HF: the softmax over 50400 classes loses too much in half precision.
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
-            # Token t predicts token t+1; -100 marks positions without loss (padding, prompts).
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100,
-                reduction=_check_reduction(loss_reduction),
-            )
+            # Token t predicts token t+1; -100 marks positions without loss (padding, prompts, packed boundaries).
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction=loss_reduction)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=presents)
+
+    def _chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_reduction: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # only positions with a target reach the head (not prompts, padding)
+        nll = self.lm_head(hidden[:, :-1][keep], targets[keep], chunk_tokens=self.loss_chunk_tokens)
+        # for evaluation records only: detached, so training keeps no graph for it
+        token_nll = torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll.detach())
+        loss = nll.sum()
+        if loss_reduction == "mean":
+            loss = loss / keep.sum()  # no target at all: nan, as F.cross_entropy
+        return loss, token_nll
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], pad_token_id: Optional[int]) -> torch.Tensor:
@@ -124,21 +157,24 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        cu_seq_lens: Optional[torch.Tensor] = None,
         *,
         loss_reduction: str = "mean",
     ) -> SequenceClassifierOutput:
         """`loss_reduction`: "mean" (HF's) averages the per-example losses, "sum" adds them up."""
-        hidden, _ = self.transformer(input_ids, attention_mask, position_ids)
-        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, n_embd)
+        _check_reduction(loss_reduction)
+        hidden, _ = self.transformer(input_ids, attention_mask, position_ids, cu_seq_lens=cu_seq_lens)
+        if cu_seq_lens is not None:  # one packed row: each example's last token
+            pooled = hidden[0, cu_seq_lens[1:].long() - 1]
+        else:
+            last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, n_embd)
         logits = self.score(pooled).float()
-        loss = None if labels is None else self.loss(logits, labels, reduction=_check_reduction(loss_reduction))
+        loss = None if labels is None else self.loss(logits, labels, loss_reduction=loss_reduction)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-        """HF's loss for the problem type. An example's loss is the mean over its labels (regression with several
-        outputs, multi-label), so "mean" over examples equals HF's mean over all elements and "sum" adds the
-        examples' losses."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, *, loss_reduction: str = "mean") -> torch.Tensor:
+        """HF's loss for the problem type; "sum" adds up the per-example losses (each the mean over its outputs)."""
         problem_type = self.config.problem_type
         if problem_type is None:  # HF's inference rule
             if self.num_labels == 1:
@@ -147,17 +183,17 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
                 problem_type = "single_label_classification"
             else:
                 problem_type = "multi_label_classification"
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), reduction=loss_reduction)
         if problem_type == "regression":
             if self.num_labels == 1:
-                return F.mse_loss(logits.view(-1), labels.reshape(-1).to(logits.dtype), reduction=reduction)
-            per_element = F.mse_loss(logits, labels.to(logits.dtype), reduction="none")
-        elif problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), reduction=reduction)
+                logits, labels = logits.squeeze(-1), labels.squeeze(-1)
+            elementwise = F.mse_loss(logits, labels.to(logits.dtype), reduction="none")
         else:
-            per_element = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
-        if reduction == "mean":
-            return per_element.mean()
-        return per_element.mean(-1).sum()
+            elementwise = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        if loss_reduction == "mean":
+            return elementwise.mean()
+        return elementwise.sum() * (elementwise.shape[0] / elementwise.numel())  # per example: mean over outputs
 
 
 class GPTJForQuestionAnswering(GPTJPreTrainedModel):
@@ -172,35 +208,52 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         start_positions: Optional[torch.Tensor] = None,
         end_positions: Optional[torch.Tensor] = None,
+        cu_seq_lens: Optional[torch.Tensor] = None,
         *,
         loss_reduction: str = "mean",
     ) -> QuestionAnsweringOutput:
         """`loss_reduction`: "mean" (HF's) is the mean over features of (start CE + end CE) / 2, each softmax over
-        every position of the batch, padding included, as in transformers. "sum" sums that over the features with
-        each softmax over the feature's own tokens (attention_mask): padding is never an answer, and a feature's
-        loss then does not depend on how long the other features of its micro batch are. (A position outside the
-        sequence is ignored: it adds 0.)"""
-        hidden, _ = self.transformer(input_ids, attention_mask, position_ids)
+        every position of the row, padding included, as in transformers. "sum" sums that over the features with
+        each softmax over the feature's own tokens: padding is never an answer, and a feature's loss then does not
+        depend on how long the other features of its micro batch are. Packed rows (cu_seq_lens): each feature's
+        softmax spans its own tokens under either reduction. (A position outside the sequence adds 0.)"""
+        _check_reduction(loss_reduction)
+        hidden, _ = self.transformer(input_ids, attention_mask, position_ids, cu_seq_lens=cu_seq_lens)
         start_logits, end_logits = self.qa_outputs(hidden).float().split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()
         end_logits = end_logits.squeeze(-1).contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            # As HF: positions outside the sequence are clamped to T and ignored.
-            ignored = start_logits.size(1)
-            start_positions = start_positions.view(-1).clamp(0, ignored)
-            end_positions = end_positions.view(-1).clamp(0, ignored)
-            reduction = _check_reduction(loss_reduction)
-            start_scores, end_scores = start_logits, end_logits
-            if reduction == "sum" and attention_mask is not None:
-                padding = attention_mask == 0
-                start_scores = start_logits.masked_fill(padding, torch.finfo(start_logits.dtype).min)
-                end_scores = end_logits.masked_fill(padding, torch.finfo(end_logits.dtype).min)
-            loss = (
-                F.cross_entropy(start_scores, start_positions, ignore_index=ignored, reduction=reduction)
-                + F.cross_entropy(end_scores, end_positions, ignore_index=ignored, reduction=reduction)
-            ) / 2
+            if cu_seq_lens is not None:  # each example's softmax runs over its own tokens only
+                packed = PackedSequences.from_cu_seq_lens(cu_seq_lens, hidden.shape[1])
+                starts, ends = _per_example(start_logits[0], packed), _per_example(end_logits[0], packed)
+                lengths = torch.tensor(packed.lengths, device=starts.device)
+            else:
+                starts, ends = start_logits, end_logits
+                lengths = torch.full((starts.shape[0],), starts.shape[1], device=starts.device)
+                if loss_reduction == "sum" and attention_mask is not None:
+                    padding = attention_mask == 0
+                    starts = starts.masked_fill(padding, torch.finfo(starts.dtype).min)
+                    ends = ends.masked_fill(padding, torch.finfo(ends.dtype).min)
+            loss = (_span_loss(starts, start_positions, lengths, loss_reduction)
+                    + _span_loss(ends, end_positions, lengths, loss_reduction)) / 2
         return QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
+
+
+def _per_example(row: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+    """(total,) logits of a packed row -> (n, longest) per example, -inf past each example's end."""
+    offsets = torch.arange(packed.max_len, device=row.device)
+    index = packed.cu_seq_lens[:-1, None].long() + offsets
+    inside = offsets < torch.tensor(packed.lengths, device=row.device)[:, None]
+    return row[index.clamp(max=row.shape[0] - 1)].masked_fill(~inside, float("-inf"))
+
+
+def _span_loss(logits: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, reduction: str) -> torch.Tensor:
+    # As HF: a position outside the sequence is clamped to its length and ignored.
+    positions = positions.view(-1)
+    positions = torch.minimum(positions.clamp(min=0), lengths)
+    positions = positions.masked_fill(positions == lengths, IGNORE_INDEX)
+    return F.cross_entropy(logits, positions, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 HEADS: dict[str, type[GPTJPreTrainedModel]] = {
@@ -213,17 +266,19 @@ ARCHITECTURES = {cls: cls.__name__ for cls in HEADS.values()}
 
 
 def build_model(
-    config: GPTJConfig, *, task: str = "clm", device: torch.device | str | None = None, init: bool = True
+    config: GPTJConfig, *, task: str = "clm", device: torch.device | str | None = None, init: bool = True,
+    loss_chunk_tokens: Optional[int] = None,
 ) -> GPTJPreTrainedModel:
     """Build GPT-J with the head of `task` (clm | cls | qa).
 
     device="meta" builds shapes only (no memory), for loading weights tensor by tensor afterwards.
     init=False skips the random init (the weights will be overwritten by a checkpoint anyway).
+    loss_chunk_tokens (clm only): compute the loss with labels this many tokens at a time (None: full logits).
     """
     if task not in HEADS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(HEADS)}.")
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = HEADS[task](config)
+        model = HEADS[task](config, loss_chunk_tokens=loss_chunk_tokens) if task == "clm" else HEADS[task](config)
     if init and str(device) != "meta":
         model.init_weights()
     return model

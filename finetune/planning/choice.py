@@ -114,6 +114,8 @@ def run_shape(run: RunConfig) -> RunShape:
         lora_targets=LORA_TARGETS if targets in (("all-linear",), ("all",)) else targets,
         lora_dropout=run.lora.dropout,
         lora_train_head=run.lora.trains_head(run.task),  # a trained head is held twice under peft
+        chunked_loss=run.model.chunked_loss,
+        loss_chunk_tokens=run.model.loss_chunk_tokens,
     )
 
 

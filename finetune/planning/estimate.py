@@ -95,6 +95,10 @@ class RunShape:
     # keeps the frozen original and a trainable copy).
     lora_train_head: bool = True
     lora_dropout: float = 0.05  # > 0: each target keeps its dropped-out input and the mask for backward
+    # Causal LM: the loss chunk by chunk over tokens (model.chunked_loss), loss_chunk_tokens per chunk (None: chosen
+    # from the vocabulary, finetune.model.chunked_loss.default_chunk_tokens). False: full fp32 logits, as transformers.
+    chunked_loss: bool = False
+    loss_chunk_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
@@ -103,6 +107,8 @@ class RunShape:
             raise ConfigError(
                 f"trainer.micro_batch_size ({self.micro_batch_size}) and data.max_seq_len ({self.seq_len}) must be positive."
             )
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            raise ConfigError(f"model.loss_chunk_tokens is {self.loss_chunk_tokens}; use a positive number of tokens.")
         if self.lora_rank is not None:
             if self.lora_rank < 1:
                 raise ConfigError(f"lora.r is {self.lora_rank}; use a positive rank, or null for full fine-tuning.")
@@ -614,10 +620,39 @@ def _layer_bytes_per_token(shape: ModelShape, run: RunShape) -> tuple[int, str]:
     return per_token, formula
 
 
+def logits_item(shape: ModelShape, run: RunShape) -> LineItem:
+    """The head's logits and loss.
+
+    Full logits (transformers' way, and this project's with model.chunked_loss=false): the fp32 logits (kept in
+    the model output), cross-entropy's fp32 log-probabilities, and in backward their gradient and the logits'
+    gradient: 4 fp32 copies. cls scores only the last token.
+    Chunked (clm, finetune.model.chunked_loss): per predicted token the head's input row (d·b), its int64 target,
+    fp32 log-sum-exp and a bool mask (13 bytes) stay until backward; one chunk of C = min(chunk, B·S) tokens
+    is live at a time: forward its logits in b and fp32 plus logsumexp's fp32 scratch (C·V·(b + 8)), backward the
+    fp32 recomputed logits turned gradient and its copy in b (C·V·(2b + 4)) and, when the head trains, the
+    weight gradient summed over chunks in fp32 (V·d·4; the plain path writes its gradient in b too).
+    """
+    B, S, b, d, V = run.micro_batch_size, run.seq_len, PRECISION_BYTES[run.precision], shape.n_embd, shape.vocab_size
+    phase: Phase = "forward_backward"
+    if shape.head == "clm" and run.chunked_loss:
+        from finetune.model.chunked_loss import default_chunk_tokens
+
+        C = min(run.loss_chunk_tokens or default_chunk_tokens(V), B * S)
+        head_trains = not run.lora or run.lora_train_head
+        scratch = max(C * V * (b + 8), C * V * (2 * b + 4) + (V * d * 4 if head_trains else 0))
+        head_grad = " + V·d·4" if head_trains else ""
+        formula = f"B·S·(d·b + 13) + max(C·V·(b + 8), C·V·(2b + 4){head_grad}), C = {C}"
+        return LineItem("logits and loss (chunked)", "gpu", phase, "activations", B * S * (d * b + 13) + scratch,
+                        formula)
+    n_logits, logits_f = {"clm": (B * S * V, "B·S·V"), "cls": (B * shape.num_labels, "B·num_labels"),
+                          "qa": (B * S * 2, "B·S·2")}[shape.head]
+    return LineItem("logits and loss (fp32)", "gpu", phase, "activations", 16 * n_logits, f"{logits_f}·4·4")
+
+
 def activation_items(shape: ModelShape, run: RunShape) -> list[LineItem]:
     """Activation line items per GPU: saved tensors, final norm, logits and loss, backward scratch."""
     B, S, b = run.micro_batch_size, run.seq_len, PRECISION_BYTES[run.precision]
-    d, f, L, V = shape.n_embd, shape.inner, shape.n_layer, shape.vocab_size
+    d, f, L = shape.n_embd, shape.inner, shape.n_layer
     layer = activation_bytes_per_layer(shape, run)
     per_layer_f = f"B·S·({_layer_bytes_per_token(shape, run)[1]})"
     if run.activation_checkpointing:
@@ -626,15 +661,11 @@ def activation_items(shape: ModelShape, run: RunShape) -> list[LineItem]:
     else:
         saved = L * layer
         saved_f = f"L·{per_layer_f}"
-    # Logits in fp32 (kept in the model output), cross-entropy's fp32 log-probabilities, and in
-    # backward their gradient and the logits' gradient: 4 fp32 copies. cls scores only the last token.
-    n_logits, logits_f = {"clm": (B * S * V, "B·S·V"), "cls": (B * shape.num_labels, "B·num_labels"),
-                          "qa": (B * S * 2, "B·S·2")}[shape.head]
     phase: Phase = "forward_backward"
     return [
         LineItem("activations saved for backward", "gpu", phase, "activations", saved, saved_f),
         LineItem("final LayerNorm input and output", "gpu", phase, "activations", 2 * B * S * d * b, "2·B·S·d·b"),
-        LineItem("logits and loss (fp32)", "gpu", phase, "activations", 16 * n_logits, f"{logits_f}·4·4"),
+        logits_item(shape, run),
         LineItem("backward scratch (one block's gradients)", "gpu", phase, "activations", B * S * (2 * f + 4 * d) * b,
                  "B·S·(2f + 4d)·b"),
     ]

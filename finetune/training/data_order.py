@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from finetune.config import ConfigError, TrainerConfig
+from finetune.data.length_grouping import longest_first
 from finetune.distributed import DistInfo
 
 
@@ -80,20 +82,30 @@ def epoch_permutation(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_rows, generator=generator).tolist()
 
 
-def rank_micro_batches(global_batch: list[int], layout: BatchLayout, rank: int) -> list[list[int]]:
-    """This rank's share of one global batch (rows in permutation order), as its grad_accum_steps micro batches."""
+def rank_micro_batches(global_batch: list[int], layout: BatchLayout, rank: int,
+                       lengths: Optional[np.ndarray] = None) -> list[list[int]]:
+    """This rank's share of one global batch (rows in permutation order), as its grad_accum_steps micro batches.
+
+    `lengths` (data.group_by_length): the global batch's rows are ordered longest first and cut into its
+    ranks x grad_accum_steps micro batches, dealt to the ranks in turn, so the micro batches that run at the same
+    time on different ranks have similar lengths. The rows of the step are the same either way."""
+    size = layout.micro_batch_size
+    if lengths is not None:
+        rows = longest_first(global_batch, lengths)
+        micro = [rows[i * size : (i + 1) * size] for i in range(layout.world_size * layout.grad_accum_steps)]
+        return micro[rank :: layout.world_size]
     start = rank * layout.rows_per_rank
     block = global_batch[start : start + layout.rows_per_rank]
-    size = layout.micro_batch_size
     return [block[i * size : (i + 1) * size] for i in range(layout.grad_accum_steps)]
 
 
 def train_steps(
     dataset: datasets.Dataset, collate: Callable, *, info: DistInfo, layout: BatchLayout, seed: int,
-    start: DataPosition, num_workers: int = 0,
+    start: DataPosition, num_workers: int = 0, lengths: Optional[np.ndarray] = None,
 ) -> Iterator[tuple[DataPosition, list[dict[str, torch.Tensor]]]]:
     """Endless optimizer steps from `start` on: for each, this rank's micro batches (grad_accum_steps of them,
-    collated) and the data position after the step."""
+    collated) and the data position after the step. `lengths`: group each step's rows by length
+    (`rank_micro_batches`)."""
     if layout.world_size != info.world_size:
         raise ValueError(f"layout for {layout.world_size} ranks used on {info.world_size}")
     size = layout.global_batch_size
@@ -104,7 +116,7 @@ def train_steps(
         micro_batches = [
             micro
             for step in range(skip, steps)
-            for micro in rank_micro_batches(order[step * size : (step + 1) * size], layout, info.rank)
+            for micro in rank_micro_batches(order[step * size : (step + 1) * size], layout, info.rank, lengths)
         ]
         # Its own generator: creating a loader would otherwise draw from the global RNG (dropout's), at a point
         # where a resumed run does and the uninterrupted one does not.

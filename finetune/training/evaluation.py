@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 
 from finetune.config import DataConfig
 from finetune.data import TaskData, model_inputs
+from finetune.data.length_grouping import example_lengths, longest_first
 from finetune.distributed import DistInfo, all_gather_objects
 from finetune.tasks import Task
 
@@ -21,6 +22,8 @@ def evaluate(engine, task: Task, data: TaskData, data_cfg: DataConfig, collate: 
     features = model_inputs(data.validation, task.name)
     sampler = DistributedSampler(features, num_replicas=info.world_size, rank=info.rank, shuffle=False, drop_last=False)
     indices = list(sampler)
+    if data_cfg.eval_group_by_length:  # records are keyed by row index: the metrics see input order
+        indices = longest_first(indices, example_lengths(features))
     records: list[tuple[int, Any]] = []
     engine.eval()
     with torch.no_grad():

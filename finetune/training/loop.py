@@ -19,6 +19,7 @@ import torch
 
 from finetune.config import DataConfig, TrainerConfig
 from finetune.data import TaskData
+from finetune.data.length_grouping import example_lengths
 from finetune.distributed import DistInfo, all_reduce_sum
 from finetune.tasks import Task
 from finetune.training import faults
@@ -100,7 +101,8 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     has_eval = data.validation is not None and len(data.validation) > 0
     layout = BatchLayout.of(trainer, info.world_size)
     steps = train_steps(data.train, collate, info=info, layout=layout, seed=trainer.seed, start=position,
-                        num_workers=trainer.num_workers)
+                        num_workers=trainer.num_workers,
+                        lengths=example_lengths(data.train) if data_cfg.group_by_length else None)
     global_mean = trainer.loss_normalization == "global_batch"
     meter = _Meter(engine.device)
     guard = _NonFiniteGuard(engine, trainer, info)
@@ -243,7 +245,8 @@ class _Meter:
     def add_micro(self, batch: dict[str, torch.Tensor]) -> None:
         """Count a micro batch (still on the host)."""
         self.tokens += float(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
+        # a packed batch is one row holding len(cu_seq_lens) - 1 examples
+        self.samples += batch["cu_seq_lens"].numel() - 1 if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
 
     def end_step(self, step_loss: torch.Tensor, denominator: torch.Tensor) -> None:
         if self.device.type == "cuda":

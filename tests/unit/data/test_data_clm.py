@@ -73,11 +73,11 @@ def test_response_only_loss_with_template_padded(tmp_path, make_cfg, write_jsonl
         assert labels == [-100] * len(prompt) + response
 
 
-def test_response_only_loss_packed(tmp_path, make_cfg, write_jsonl, tokenizer):
+def test_response_only_loss_stream_packed(tmp_path, make_cfg, write_jsonl, tokenizer):
     rows = [{"prompt": f"Say {i} twice:", "response": f" {i} {i}"} for i in range(20)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = make_cfg(train_file=train, validation_fraction=0, max_seq_len=32, prompt_column="prompt",
-                   response_column="response")  # fmt: skip
+                   response_column="response", packing="stream")  # fmt: skip
     data = load_task_data("clm", cfg, tokenizer)
     ids = [t for block in data.train["input_ids"] for t in block]
     labels = [t for block in data.train["labels"] for t in block]

@@ -165,7 +165,9 @@ def test_run_shape_from_the_training_config():
     run = parse_config(compose_train("lora=lora", "lora.target_modules=[all-linear]", "trainer.micro_batch_size=3",
                                      "trainer.precision=bf16", "data.max_seq_len=128", "model.gradient_checkpointing=true"))
     assert run_shape(run) == RunShape(micro_batch_size=3, seq_len=128, precision="bf16", activation_checkpointing=True,
-                                      lora_rank=8, lora_targets=LORA_TARGETS, lora_dropout=0.05, lora_train_head=True)
+                                      lora_rank=8, lora_targets=LORA_TARGETS, lora_dropout=0.05, lora_train_head=True,
+                                      chunked_loss=True)
+    assert not run_shape(parse_config(compose_train("task=clm", "model.chunked_loss=false"))).chunked_loss
     assert run_shape(parse_config(compose_train())).lora_rank is None
     clm = run_shape(parse_config(compose_train("task=clm", "lora=lora")))
     assert not clm.lora_train_head  # lora.train_head=null: GPT-J's lm_head stays frozen for clm

@@ -392,7 +392,7 @@ def test_plan_inputs_from_the_training_config(tmp_path):
     assert inputs.shape == replace(GPTJ_6B, n_layer=4, head="cls")
     assert inputs.run == RunShape(micro_batch_size=4, seq_len=512, precision="bf16", activation_checkpointing=True,
                                   lora_rank=8, lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
-                                  lora_dropout=0.05, lora_train_head=True)
+                                  lora_dropout=0.05, lora_train_head=True, chunked_loss=True)
     assert inputs.cluster == Cluster(gpus_per_node=2, gpu_memory_gb=80, cpu_memory_gb=1000, nvme_gb=500)
     assert inputs.margin == 0.2
     zero2 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["zero_optimization"]
