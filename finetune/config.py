@@ -103,10 +103,10 @@ class DataConfig:
 DATA_KEYS_COMMON = (
     "train_file", "validation_file", "dataset_name", "dataset_config", "format", "text_unit", "validation_fraction",
     "split_seed", "max_seq_len", "max_train_samples", "max_eval_samples", "num_proc", "cache_dir", "on_bad_row",
-    "id_column",
+    "id_column", "packing", "group_by_length", "eval_group_by_length",
 )
 DATA_KEYS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "clm": DATA_KEYS_COMMON + ("text_column", "packing", "prompt_column", "response_column", "prompt_template",
+    "clm": DATA_KEYS_COMMON + ("text_column", "prompt_column", "response_column", "prompt_template",
                                "truncation"),
     "cls": DATA_KEYS_COMMON + ("text_column", "text_pair_column", "label_column", "pair_separator", "num_labels",
                                "problem_type", "truncation"),

@@ -186,8 +186,8 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
         if problem_type == "single_label_classification":
             return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), reduction=loss_reduction)
         if problem_type == "regression":
-            if self.num_labels == 1:
-                logits, labels = logits.squeeze(-1), labels.squeeze(-1)
+            if self.num_labels == 1:  # labels (B,) or (B, 1), as HF accepts both
+                logits, labels = logits.view(-1, 1), labels.reshape(-1, 1)
             elementwise = F.mse_loss(logits, labels.to(logits.dtype), reduction="none")
         else:
             elementwise = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
