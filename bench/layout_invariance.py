@@ -62,20 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def instruction_rows(path: Path, rows: int = 512) -> None:
-    import random
+    """The tests' instruction data (responses of 1 to 60 words), more rows."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from train_worker import instruction_data
 
-    rng = random.Random(0)
-    words = "the a model river stone quick blue runs under over seven light paper window".split()
-    with open(path, "w") as handle:
-        for i in range(rows):
-            prompt = f"Question {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 20))) + "?\n"
-            response = " ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 5, 30, 60])))
-            handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    instruction_data(path, rows=rows)
 
 
 def overrides_for(model: dict, *, device: str, data: Path) -> list[str]:
-    shape = ",".join(f"{key}:{value}" for key, value in model.items())
-    return ["logger=none", "task=clm", "model=tiny", f"model.overrides={{{shape}}}",
+    shape = [f"+model.overrides.{key}={value}" for key, value in model.items()]
+    return ["logger=none", "task=clm", "model=tiny", *shape,
             f"data.train_file={data}", f"data.validation_file={data}", "data.prompt_column=prompt",
             "data.response_column=response", "data.packing=false", "data.max_seq_len=128",
             f"trainer.precision={'bf16' if device == 'cuda' else 'fp32'}", "trainer.log_every=1",

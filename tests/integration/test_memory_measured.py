@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_model_state_estimates_match_deepspeed_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "bench" / "memory_validation.py"), "--device", "cpu", "--world", "2",

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 300  # the schedule length of every run here; short runs stop early with trainer.stop_after_steps
 STOP, RESUME_TO = 4, 8

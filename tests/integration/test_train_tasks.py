@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLS_SHORT = 30  # cls starts to separate its classes after ~20 steps
 CLM_LORA_STEPS = 12
