@@ -270,7 +270,6 @@ class MemoryCgroup:
 
     path: Path
     version: int
-    limit: int
 
     @classmethod
     def create(cls, limit: int) -> "MemoryCgroup":
@@ -278,13 +277,13 @@ class MemoryCgroup:
         v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
         try:
             if (v2 / "cgroup.controllers").exists():
-                group = cls(v2 / name, 2, limit)
+                group = cls(v2 / name, 2)
                 group.path.mkdir()
                 (group.path / "memory.max").write_text(str(limit))
                 if (group.path / "memory.swap.max").exists():
                     (group.path / "memory.swap.max").write_text("0")
             else:
-                group = cls(v1 / name, 1, limit)
+                group = cls(v1 / name, 1)
                 group.path.mkdir()
                 (group.path / "memory.limit_in_bytes").write_text(str(limit))
                 if (group.path / "memory.memsw.limit_in_bytes").exists():

@@ -77,9 +77,9 @@ class CausalLMTask(_BaseTask):
         if getattr(outputs, "token_nll", None) is not None:  # the chunked loss: no logits
             nll = outputs.token_nll  # (B, T-1)
         else:
-            nll = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+            nll = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX,
                                   reduction="none")
-        counts = labels != -100
+        counts = labels != IGNORE_INDEX
         if "cu_seq_lens" in batch:  # one packed row: example i predicts at positions [cu_i, cu_i+1) of the shift
             bounds = batch["cu_seq_lens"].tolist()
             spans = [slice(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -1,8 +1,9 @@
 """Length-grouped batching: micro batches of rows of similar length, so padded batches carry less padding.
 
 Training (`data.group_by_length`): the rows of each optimizer step (its global batch) are ordered longest first
-before they are cut into micro batches (`finetune.training.data_order.rank_micro_batches`). The step's rows are the same as without grouping (the data order, and with a loss summed
-over the whole step its gradient, are unchanged); only which rows share a micro batch changes.
+before they are cut into micro batches (`finetune.training.data_order.rank_micro_batches`). The step's rows are
+the same as without grouping (the data order, and with a loss summed over the whole step its gradient, are
+unchanged); only which rows share a micro batch changes.
 Evaluation (`data.eval_group_by_length`, on by default): each rank goes through its rows longest first (the
 largest batch comes first, so an out-of-memory shows at once); results are gathered by row index, so metrics
 and predictions come back in input order.
