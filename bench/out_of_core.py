@@ -8,12 +8,13 @@ one is complete) and final/ fit on the work dir's disk. The script
 
   1. writes a random HF-format checkpoint of that shape, one safetensors shard at a time (never whole in RAM);
   2. launches `deepspeed --num_gpus 2 launch/train.py task=clm model.path=<it> deepspeed=zero3_nvme ...` (bf16,
-     activation checkpointing, bundled data at --seq-len), which trains --steps optimizer steps and checkpoints;
+     activation checkpointing; one example of the bundled data, i.e. the same global batch of 2 rows of --seq-len
+     tokens at every step), which trains --steps optimizer steps and checkpoints;
   3. relaunches the run dir: it resumes, trains one more step, checkpoints and exports final/;
   4. exports the last checkpoint again with launch/export.py (DeepSpeed's lazy consolidation);
   5. reports, from samples of every process of each launch (/proc, every --sample-s): the node's peak RSS
      against the RAM, bytes on NVMe against the memory planner's estimate, the planner's host memory against
-     the ranks' peak, seconds per step and where they go (CPU time vs waiting, and the swap traffic at the
+     the node's peak anonymous memory, seconds per step and where they go (CPU time vs waiting, and the swap traffic at the
      disk's O_DIRECT bandwidth measured here), export peak RSS against the exported size, and the losses;
   6. removes what it wrote (model, run dir, swap, export) unless --keep, leaving report.json and the logs.
 
@@ -26,7 +27,8 @@ memory cgroup (v1 or v2; needs root or a delegated cgroup) limited to --ram-gb, 
 kernel: page cache is reclaimed at the limit, and memory the run cannot give back gets it killed (reported as an
 OOM kill). Without it, the real RAM must still hold the run.
 
-    python bench/out_of_core.py --work-dir /tmp/ooc --ram-gb 17.5 --limit-memory   # 6 layers: 1.38x the limit
+    python bench/out_of_core.py --work-dir /work/ooc --ram-gb 18.55 --limit-memory   # 6 layers: 1.30x the limit
+
 --width W (a multiple of 16, default 4096) narrows the layers for a quick check of the flow on a slow disk: one
 layer at GPT-J width is already 0.61B parameters (the embedding and lm_head are 0.41B of them).
 --reference also trains the same steps with zero3_offload (states in RAM: only where they fit) for the
@@ -172,6 +174,7 @@ def _io_and_cpu(pid: int) -> tuple[int, int, float]:
 class Sample:
     t: float
     rss: int  # every process of the launch
+    anon: int  # their anonymous + shared memory (the launchers' included: what the planner's host line counts)
     ranks_rss: int  # the training processes only
     ranks_anon: int  # their anonymous + shared memory (what must fit; file pages can be dropped)
     nvme: int  # bytes under the swap directory
@@ -240,11 +243,12 @@ def watch(cmd: list[str], *, env: dict, log: Path, swap_root: Optional[Path], sa
             family = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
-        rss = ranks_rss = ranks_anon = 0
+        rss = anon = ranks_rss = ranks_anon = 0
         for p in family:
             try:
                 status = _status(p.pid)
                 rss += status.get("VmRSS", 0)
+                anon += status.get("RssAnon", 0) + status.get("RssShmem", 0)
                 if "launch/train.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline()) or \
                         "launch/export.py" in " ".join(p.cmdline()):
                     ranks_rss += status.get("VmRSS", 0)
@@ -256,7 +260,7 @@ def watch(cmd: list[str], *, env: dict, log: Path, swap_root: Optional[Path], sa
             nvme = sum(f.stat().st_size for f in swap_root.rglob("*") if f.is_file()) if swap_root.exists() else 0
             next_du = now + 2.0
         read, written, cpu = (sum(v[i] for v in last_io.values()) for i in range(3))
-        samples.append(Sample(now, rss, ranks_rss, ranks_anon, nvme, read, written, cpu))
+        samples.append(Sample(now, rss, anon, ranks_rss, ranks_anon, nvme, read, written, cpu))
         time.sleep(sample_s)
     proc.wait()
     reader.join(timeout=10)
@@ -324,7 +328,10 @@ def train_command(run_dir: Path, model_dir: Path, nvme: Path, *, seq_len: int, s
            f"data.max_seq_len={seq_len}", "trainer.micro_batch_size=1", f"trainer.max_steps={steps + 1}",
            f"trainer.save_every={steps}", "trainer.keep_last=1", "trainer.log_every=1", "trainer.eval_every=0",
            "trainer.eval_at_end=false", f"optim.lr={lr}", "scheduler=constant", "scheduler.warmup_steps=1",
-           f"deepspeed={config}"]
+           # One example: the global batch (2 rows of 16 tokens) is the same at every step, so the loss falls if and
+           # only if the optimizer steps through NVMe work; between different batches of 16 random-model tokens the
+           # loss varies more than 3 steps change it.
+           "data.max_train_samples=1", f"deepspeed={config}"]
     if config == "zero3_nvme":
         cmd.append(f"deepspeed.nvme_path={nvme}")
     if stop:
@@ -382,7 +389,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=WIDTH, help="layer width (default GPT-J's 4096)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps before the checkpoint (default 3)")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens per row (bf16 matmuls are slow on CPUs)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-5,
+                        help="Adam moves every weight by about lr per step: 1e-4 already overshoots at width 4096")
     parser.add_argument("--sample-s", type=float, default=0.5)
     parser.add_argument("--timeout-h", type=float, default=6.0, help="per launch")
     parser.add_argument("--reference", action="store_true", help="also train with zero3_offload (states in RAM)")
@@ -481,6 +489,7 @@ def main() -> int:
         node_peak = max(first.peak("rss"), resumed.peak("rss"))
         ranks_peak = max(first.peak("ranks_rss"), resumed.peak("ranks_rss"))
         ranks_anon = max(first.peak("ranks_anon"), resumed.peak("ranks_anon"))
+        node_anon = max(first.peak("anon"), resumed.peak("anon"))
         nvme_peak = max(first.peak("nvme"), resumed.peak("nvme"))
         losses = train_losses(run_dir)
         times = step_times(run_dir)
@@ -498,13 +507,14 @@ def main() -> int:
                         "nvme_bytes": est.nvme_bytes,
                         "items": [{"name": i.name, "device": i.device, "phase": i.phase, "bytes": i.bytes}
                                   for i in est.items]},
-            "memory": {"node_peak_rss": node_peak, "ranks_peak_rss": ranks_peak, "ranks_peak_anon": ranks_anon,
+            "memory": {"node_peak_rss": node_peak, "node_peak_anon": node_anon, "ranks_peak_rss": ranks_peak,
+                       "ranks_peak_anon": ranks_anon,
                        "by_launch": {n: {"node_peak_rss": w.peak("rss"), "ranks_peak_rss": w.peak("ranks_rss"),
                                          "load_peak_rss": w.peak("rss", 0, w.marks.get("train", math.inf)),
                                          "train_peak_rss": w.peak("rss", w.marks.get("train", 0),
                                                                   w.marks.get("steps done", math.inf))}
                                      for n, w in launches.items()},
-                       "planner_host_error": ranks_anon / host_planned - 1},
+                       "planner_host_error": node_anon / host_planned - 1},
             "nvme": {"peak_bytes": nvme_peak, "planner_bytes": est.nvme_bytes,
                      "planner_error": nvme_peak / est.nvme_bytes - 1},
             "steps": {"losses": losses, "step_time_s": times, "mean_step_s_after_first": mean_step,
@@ -561,9 +571,9 @@ def summary(r: dict) -> str:
     lines = [
         f"model: {r['model']['layers']} layers x {WIDTH}, {r['model']['parameters'] / 1e9:.3f}B parameters; model "
         f"states {g(r['model']['model_state_bytes'])} = {r['model']['model_states_over_ram']:.2f}x RAM ({g(ram)})",
-        f"node peak RSS {g(m['node_peak_rss'])} of {g(ram)} RAM ({m['node_peak_rss'] / ram:.0%}); ranks "
-        f"{g(m['ranks_peak_rss'])}, of it anonymous {g(m['ranks_peak_anon'])}; planner (host + 2 x device items, "
-        f"CPU accelerator) {g(p['host_bytes'])}: {m['planner_host_error']:+.0%}",
+        f"node peak RSS {g(m['node_peak_rss'])} of {g(ram)} RAM ({m['node_peak_rss'] / ram:.0%}), anonymous "
+        f"{g(m['node_peak_anon'])}; ranks {g(m['ranks_peak_rss'])}; planner (host + 2 x device items, "
+        f"CPU accelerator) {g(p['host_bytes'])}: anonymous {m['planner_host_error']:+.0%}",
         f"NVMe swap peak {g(n['peak_bytes'])}; planner {g(n['planner_bytes'])}: {n['planner_error']:+.0%}",
         f"step time: {s['mean_step_s_after_first']:.1f} s (steps 2-{len(s['losses']) - 1}); first launch per step: "
         f"CPU {s['first_launch_window'].get('cpu_s_per_step', 0):.1f} s (2 ranks), read "

@@ -32,6 +32,9 @@ CUDA_CONTEXT_BYTES = 2 * GiB
 HOST_PROCESS_BYTES = 3 * GiB
 # The same on DeepSpeed's CPU accelerator (no CUDA libraries): measured 0.4-0.6 GiB per rank (bench/out_of_core.py).
 CPU_ACCELERATOR_PROCESS_BYTES = GiB // 2
+# The `deepspeed` runner and each node's launcher (deepspeed.launcher.launch) import torch and DeepSpeed too:
+# measured 0.24 GiB each (bench/out_of_core.py); the first node runs both.
+LAUNCHER_BYTES = GiB // 2
 # PyTorch's pinned host allocator rounds each block up to a power of two (0-100% extra); DeepSpeed's
 # own estimators multiply CPU figures by 1.5 for the same reason. Not for DeepSpeed's NVMe swap buffers
 # (page-aligned and mlock()ed at their exact size) nor on the CPU accelerator (pinning is a no-op there).
@@ -487,6 +490,7 @@ def estimate(
     process, process_f = (
         (HOST_PROCESS_BYTES, "g x 3 GiB") if on_gpus else (CPU_ACCELERATOR_PROCESS_BYTES, "g x 0.5 GiB"))
     add("host process (Python, torch, CUDA libs)", "cpu", "persistent", "overhead", g * process, process_f)
+    add("deepspeed launcher processes", "cpu", "persistent", "overhead", LAUNCHER_BYTES, "0.5 GiB per node")
     pinned = sum(i.bytes for i in items if i.device == "cpu" and i.category == "model_states")
     if stage == 3 and "nvme" in (par_dev, opt_dev):
         grad_b = PRECISION_BYTES.get(buffers.grad_accum_dtype or run.precision, b)

@@ -15,6 +15,7 @@ from finetune.config import ConfigError
 from finetune.planning.estimate import (
     CPU_ACCELERATOR_PROCESS_BYTES,
     CUDA_CONTEXT_BYTES,
+    LAUNCHER_BYTES,
     PINNED_SLACK,
     PRESET_SHAPES,
     Cluster,
@@ -335,6 +336,8 @@ def test_cpu_accelerator_has_no_cuda_overheads():
     assert cuda.gpu_bytes - cpu.gpu_bytes == CUDA_CONTEXT_BYTES
     host = {i.name: i.bytes for i in cpu.items if i.device == "cpu"}
     assert host["host process (Python, torch, CUDA libs)"] == 2 * CPU_ACCELERATOR_PROCESS_BYTES
+    # The launchers run once per node, whatever the number of ranks on it.
+    assert host["deepspeed launcher processes"] == LAUNCHER_BYTES
     assert "pinned-allocation slack" not in host
     with pytest.raises(ConfigError, match="cluster.accelerator"):
         Cluster(accelerator="tpu")
