@@ -14,8 +14,9 @@ one is complete) and final/ fit on the work dir's disk. The script
   4. exports the last checkpoint again with launch/export.py (DeepSpeed's lazy consolidation);
   5. reports, from samples of every process of each launch (/proc, every --sample-s): the node's peak RSS
      against the RAM, bytes on NVMe against the memory planner's estimate, the planner's host memory against
-     the node's peak anonymous memory, seconds per step and where they go (CPU time vs waiting, and the swap traffic at the
-     disk's O_DIRECT bandwidth measured here), export peak RSS against the exported size, and the losses;
+     the node's peak anonymous memory, seconds per step and where they go (CPU time vs waiting, and the swap
+     traffic at the disk's O_DIRECT bandwidth measured here), export peak RSS against the exported size, and
+     the losses;
   6. removes what it wrote (model, run dir, swap, export) unless --keep, leaving report.json and the logs.
 
     python bench/out_of_core.py --work-dir /mnt/nvme/ooc                  # sized for this machine
