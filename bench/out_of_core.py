@@ -8,8 +8,8 @@ one is complete) and final/ fit on the work dir's disk. The script
 
   1. writes a random HF-format checkpoint of that shape, one safetensors shard at a time (never whole in RAM);
   2. launches `deepspeed --num_gpus 2 launch/train.py task=clm model.path=<it> deepspeed=zero3_nvme ...` (bf16,
-     activation checkpointing; one example of the bundled data, i.e. the same global batch of 2 rows of --seq-len
-     tokens at every step), which trains --steps optimizer steps and checkpoints;
+     activation checkpointing; one example of the bundled data: at the default --seq-len 16 it makes 2 rows, one
+     global batch, the same at every step), which trains --steps optimizer steps and checkpoints;
   3. relaunches the run dir: it resumes, trains one more step, checkpoints and exports final/;
   4. exports the last checkpoint again with launch/export.py (DeepSpeed's lazy consolidation);
   5. reports, from samples of every process of each launch (/proc, every --sample-s): the node's peak RSS
@@ -329,7 +329,7 @@ def train_command(run_dir: Path, model_dir: Path, nvme: Path, *, seq_len: int, s
            f"data.max_seq_len={seq_len}", "trainer.micro_batch_size=1", f"trainer.max_steps={steps + 1}",
            f"trainer.save_every={steps}", "trainer.keep_last=1", "trainer.log_every=1", "trainer.eval_every=0",
            "trainer.eval_at_end=false", f"optim.lr={lr}", "scheduler=constant", "scheduler.warmup_steps=1",
-           # One example: the global batch (2 rows of 16 tokens) is the same at every step, so the loss falls if and
+           # One example (2 rows at --seq-len 16): the global batch is the same at every step, so the loss falls if and
            # only if the optimizer steps through NVMe work; between different batches of 16 random-model tokens the
            # loss varies more than 3 steps change it.
            "data.max_train_samples=1", f"deepspeed={config}"]
@@ -389,7 +389,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, help="use this many layers instead of choosing")
     parser.add_argument("--width", type=int, default=WIDTH, help="layer width (default GPT-J's 4096)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps before the checkpoint (default 3)")
-    parser.add_argument("--seq-len", type=int, default=16, help="tokens per row (bf16 matmuls are slow on CPUs)")
+    parser.add_argument("--seq-len", type=int, default=16,
+                        help="tokens per row (bf16 matmuls are slow on CPUs); above about 20 the one example trained "
+                             "is a single row, fewer than the 2 ranks' batch, and the trainer refuses it")
     parser.add_argument("--lr", type=float, default=3e-5,
                         help="Adam moves every weight by about lr per step: 1e-4 already overshoots at width 4096")
     parser.add_argument("--sample-s", type=float, default=0.5)
