@@ -54,11 +54,24 @@ def local_ranks() -> int:
     return 1
 
 
+def refuse_if_too_big(model_dir: Path, *, task: str, dtype_name: str, zero3: bool, world_size: int,
+                      source: str) -> None:
+    """Before data and model: a model whose weights cannot fit the device(s) is a ConfigError (under ZeRO-3 each
+    rank holds 1/world of them). A LoRA adapter is checked when its base is loaded."""
+    from deepspeed.accelerator import get_accelerator
+
+    if is_adapter_dir(model_dir):
+        return
+    device = get_accelerator().device_name()
+    memory_check(task=task, dtype=torch_dtype(dtype_name), device=device, source=source,
+                 shards=world_size if zero3 else 1,
+                 ranks_on_host=local_ranks() if device == "cpu" else 1)(read_config(model_dir))
+
+
 def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool, micro_batch_size: int,
-                     world_size: int, base_model: Optional[str], check_memory: bool = True, source: str = ""):
+                     world_size: int, base_model: Optional[str], check_memory: bool = True):
     """A DeepSpeed engine without optimizer: ZeRO-3 (weights partitioned over ranks) or stage 0 (whole model)."""
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     ds_config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
@@ -67,12 +80,8 @@ def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool
         "steps_per_print": 10**9,
     }
     dtype = torch_dtype(dtype_name)
-    device = get_accelerator().device_name()
     if zero3 and not is_adapter_dir(model_dir):
-        config = read_config(model_dir)
-        if check_memory:  # every rank holds 1/world of the weights
-            memory_check(task=task, dtype=dtype, device=device, source=source or str(model_dir), shards=world_size,
-                         ranks_on_host=local_ranks() if device == "cpu" else 1)(config)
+        config = read_config(model_dir)  # its memory need was checked by refuse_if_too_big
         # Built partitioned and filled slice by slice: no rank ever holds the whole model. The dtype comes from the
         # config's bf16/fp16 flags: zero.Init's own `dtype` argument is ignored on accelerators without fp16 (CPU).
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -122,15 +131,18 @@ def main(cfg: DictConfig) -> None:
     model_dir = resolve_model_dir(cfg.model.path)
     info = distributed.init_distributed()
     try:
+        zero3 = cfg.eval.zero3 if cfg.eval.zero3 is not None else info.world_size > 1
+        if cfg.check_memory:
+            refuse_if_too_big(model_dir, task=task.name, dtype_name=cfg.model.dtype, zero3=zero3,
+                              world_size=info.world_size, source=str(cfg.model.path))
         tokenizer = GPTJTokenizer.from_pretrained(model_dir)
         with distributed.main_process_first(info):
             data = task.load_data(data_cfg, tokenizer)
         if data.validation is None or len(data.validation) == 0:
             raise ConfigError(f"The {cfg.eval.split} split is empty; set data.validation_file (or data.validation_fraction).")
-        zero3 = cfg.eval.zero3 if cfg.eval.zero3 is not None else info.world_size > 1
         engine = inference_engine(model_dir, task=task.name, dtype_name=cfg.model.dtype, zero3=zero3,
                                   micro_batch_size=cfg.eval.micro_batch_size, world_size=info.world_size,
-                                  base_model=cfg.base_model, check_memory=cfg.check_memory, source=str(cfg.model.path))
+                                  base_model=cfg.base_model, check_memory=cfg.check_memory)
         check_labels(task, engine.module.config, data)
         metrics = evaluate(engine, task, data, data_cfg, task.collator(tokenizer, data_cfg), info=info,
                            micro_batch_size=cfg.eval.micro_batch_size)

@@ -130,7 +130,8 @@ class GPTJConfig:
         try:
             raw = json.loads(Path(path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelConfigError(f"{path} is not valid JSON ({err}); re-export the checkpoint's config.json.") from None
+            raise ModelConfigError(
+                f"{path} is not valid JSON ({err}); re-export the checkpoint's config.json.") from None
         try:
             return cls.from_hf_dict(raw)
         except ModelConfigError as err:
@@ -184,7 +185,8 @@ def _check_field_types(config: "GPTJConfig") -> None:
         if value is None and name in _NULLABLE:
             continue
         is_bool = isinstance(value, bool)
-        wrong_type = not isinstance(value, types) or (is_bool and bool not in types) or (not is_bool and types == (bool,))
+        wrong_type = (not isinstance(value, types) or (is_bool and bool not in types)
+                      or (not is_bool and types == (bool,)))
         too_small = not wrong_type and least is not None and (
             value < least or (name == "layer_norm_epsilon" and value == 0))
         too_big = not wrong_type and name.endswith("_pdrop") and value >= 1

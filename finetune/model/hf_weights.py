@@ -104,7 +104,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
     if _rank() == 0:
         logger.warning("model.path %r is not a local directory: fetching Hugging Face Hub repo %s at revision %s%s.",
-                       str(path), repo_id, revision or "main", " (offline: from the local cache only)" if offline else "")
+                       str(path), repo_id, revision or "main", " (offline: local cache only)" if offline else "")
     try:
         from huggingface_hub import snapshot_download
 

@@ -88,7 +88,8 @@ def load_model_for_inference(
         # The base is loaded and merged in fp32 on the CPU, then moved: both must fit.
         def check(config: GPTJConfig) -> None:
             if check_memory:
-                memory_check(task=task, dtype=torch.float32, device="cpu", source=f"{base} (the base of {path})")(config)
+                base_source = f"{base} (the base of {path})"
+                memory_check(task=task, dtype=torch.float32, device="cpu", source=base_source)(config)
                 memory_check(task=task, dtype=dtype, device=device, source=str(path))(config)
 
         model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None, check=check)

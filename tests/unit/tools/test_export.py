@@ -118,7 +118,8 @@ def run_dir_with_stage0_checkpoint(tmp_path):
     stage0_checkpoint(run, model)
     config_dir = tmp_path / "config"
     config_dir.mkdir()
-    (config_dir / "config.json").write_text(json.dumps({**TINY.to_hf_dict(), "architectures": ["GPTJForSequenceClassification"]}))
+    architectures = ["GPTJForSequenceClassification"]
+    (config_dir / "config.json").write_text(json.dumps({**TINY.to_hf_dict(), "architectures": architectures}))
     return run, config_dir
 
 
