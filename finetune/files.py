@@ -3,8 +3,9 @@
 Torch-free and dependency-free, so every floor (model I/O, tools, the runner) can use it.
 
 - `atomic_write_text`: a reader (or a crash) sees the old content or the new one, never a mix or an empty file.
-- `swap_into_place`: publish a finished staging directory as `target`, replacing what was there with no moment
-  at which neither exists under `target` (Linux renameat2 RENAME_EXCHANGE; elsewhere rename aside, then in).
+- `swap_into_place`: publish a finished staging directory as `target` (its files fsynced first), replacing what
+  was there with no moment at which neither exists under `target` (Linux renameat2 RENAME_EXCHANGE; elsewhere
+  rename aside, then in).
 - `new_file_mode`: the mode a new file gets here (umask and default ACLs applied), found by creating one:
   `os.umask` can only be read by setting it, and setting it process-wide races with other threads' file creation.
 - Private outputs (`make_private`): files 0600, directories 0700, for shared nodes.
@@ -60,6 +61,21 @@ def fsync_dir(directory: str | Path) -> None:
             os.close(fd)
 
 
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file and directory below `directory` (before a rename publishes them: after a machine crash a
+    renamed-in file whose data was never written back would read as zeros)."""
+    for root, dirs, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(root)
+
+
 def atomic_write_text(path: str | Path, text: str, *, private: bool = False) -> Path:
     """Write `text` to `path` through a temporary file in the same directory: fsync, then rename over `path`.
 
@@ -111,7 +127,7 @@ def swap_into_place(staging: str | Path, target: str | Path) -> None:
     old output complete under `.<name>.old-*`), and if the second rename fails the old one is put back.
     """
     staging, target = Path(staging), Path(target)
-    fsync_dir(staging)
+    fsync_tree(staging)
     if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
         target.rmdir()
     if not target.exists() and not target.is_symlink():
