@@ -17,6 +17,7 @@ from finetune.planning.choice import ModelDims
 from finetune.planning.estimate import GiB
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _ESCAPE = "check_memory=false skips this check"
 
 
@@ -38,7 +39,7 @@ def device_capacity(device: str, *, ranks_on_host: int = 1) -> tuple[int, str]:
     if kind == "cpu":
         total = psutil.virtual_memory().total
         share = f" / {ranks_on_host} ranks on this host" if ranks_on_host > 1 else ""
-        return total // max(1, ranks_on_host), f"host RAM ({total / GiB:.1f} GiB total{share})"
+        return total // max(1, ranks_on_host), f"host RAM, {total / GiB:.1f} GiB total{share}"
     import torch
 
     if kind == "cuda" and torch.cuda.is_available():
@@ -57,7 +58,8 @@ def check_inference_memory(model: ModelDims, *, task: str, dtype: str, device: s
     """ConfigError unless the weights of `model` (with `task`'s head) in `dtype`, split over `shards` ranks
     (ZeRO-3 inference), fit the memory of `device` (or `capacity` bytes); `source` names the model in the message."""
     total, head = parameter_count(model, task=task, num_labels=getattr(model, "num_labels", None))
-    need = total * DTYPE_BYTES[dtype.removeprefix("torch.")] // max(1, shards)
+    dtype = SHORT_NAMES.get(dtype.removeprefix("torch."), dtype.removeprefix("torch."))
+    need = total * DTYPE_BYTES[dtype] // max(1, shards)
     if capacity is None:
         capacity, where = device_capacity(device, ranks_on_host=ranks_on_host)
     else:

@@ -19,7 +19,8 @@ def test_closed_form_count_equals_the_planner_and_the_model(task):
     config = GPTJConfig.preset("tiny", vocab_size=512, num_labels=5)
     shape = ModelShape(n_layer=2, n_embd=64, n_head=4, vocab_size=512, head=task, num_labels=5)
     total, _ = parameter_count(config, task=task, num_labels=5)
-    assert total == count_parameters(shape) == sum(p.numel() for p in build_model(config, task=task, device="meta").parameters())
+    model = build_model(config, task=task, device="meta")
+    assert total == count_parameters(shape) == sum(p.numel() for p in model.parameters())
 
 
 def test_a_head_of_millions_of_labels_is_refused_with_its_sizes():
@@ -46,3 +47,18 @@ def test_generate_refuses_before_building(monkeypatch):
     with pytest.raises(ConfigError, match="cannot fit.*vocab_size=10,000,000,000,000"):
         build_model_from_config(model_cfg, task="clm",
                                 check=memory_check(task="clm", dtype=torch.float32, device="cpu", source="model=tiny"))
+
+
+def test_evaluate_checks_zero3_shards_before_building(tmp_path):
+    """launch/evaluate.py's check: the whole model on one rank, or under ZeRO-3 a world-th of it per rank."""
+    import json
+
+    from launch.evaluate import refuse_if_too_big
+
+    config = GPTJConfig.preset("tiny", vocab_size=512)
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_hf_dict(), "num_labels": 10**12, "id2label": None}))
+    for zero3, world in ((False, 1), (True, 2)):
+        split = ", split over 2 ranks" if zero3 else ""
+        with pytest.raises(ConfigError, match=f"cannot fit: .* GiB in fp32{split} .*num_labels=1,000,000,000,000"):
+            refuse_if_too_big(tmp_path, task="cls", dtype_name="fp32", zero3=zero3, world_size=world, source="DIR")
+    refuse_if_too_big(tmp_path, task="clm", dtype_name="fp32", zero3=True, world_size=2, source="DIR")  # fits
