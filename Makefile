@@ -40,5 +40,8 @@ test-cpus: venv
 	  echo "== numerical tests under $${profile:-this CPU's own kernels}"; \
 	  env $$profile PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m numerics; done
 
+# Build artefacts only. Runs and final models (outputs/, multirun/) are never deleted by make: remove a run you no
+# longer need yourself, e.g. `rm -r outputs/qa/2024-05-01_12-00-00` (after exporting what you keep).
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) .pytest_cache *.egg-info
+	find finetune launch bench tests -name __pycache__ -type d -prune -exec rm -rf {} +

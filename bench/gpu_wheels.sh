@@ -36,8 +36,21 @@ except m.PackageNotFoundError: print(sys.argv[2])" "$name" "${item#*=}")
   done
 }
 
-rm -rf "$DEST"
+# Only wheels are ever deleted, and only from a DEST that is a bundle this script made: an existing DEST must be a
+# directory holding nothing but wheels and the marker, so a mistyped DEST (a home directory, a checkout) is refused.
+MARKER=.gpu_wheels_bundle
+if [ -e "$DEST" ] || [ -L "$DEST" ]; then
+  other=$(find "$DEST" -mindepth 1 -maxdepth 1 ! \( -type f -name '*.whl' \) ! -name "$MARKER" -print -quit 2>/dev/null || echo "?")
+  if [ ! -d "$DEST" ] || [ -L "$DEST" ]; then other="$DEST is a symlink or not a directory"; fi
+  if [ -n "$other" ]; then
+    echo "error: DEST=$DEST exists and is not a wheel bundle made by this script ($other: only wheels and" \
+      "$MARKER may be there); nothing was deleted. Pass a new or empty directory, or remove $DEST yourself." >&2
+    exit 2
+  fi
+  find "$DEST" -maxdepth 1 -type f -name '*.whl' -delete  # the previous bundle's wheels; nothing else
+fi
 mkdir -p "$DEST"
+touch "$DEST/$MARKER"
 # shellcheck disable=SC2046  # word splitting of the pinned list is intended
 DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation --wheel-dir "$DEST" $(pinned $BUILD_FROM_SDIST)
 # shellcheck disable=SC2046
@@ -49,7 +62,7 @@ DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation --wheel-
 
 ls -1 "$DEST"
 size_kib=$(du -sk "$DEST" | cut -f1)
-echo "$(ls "$DEST" | wc -l) wheels, $((size_kib / 1024)) MiB in $DEST"
+echo "$(ls "$DEST"/*.whl | wc -l) wheels, $((size_kib / 1024)) MiB in $DEST"
 if [ "$size_kib" -gt $((MAX_MIB * 1024)) ]; then
   echo "error: $DEST is over $MAX_MIB MiB; the working tree that travels to the GPU machine is limited to 64 MiB." >&2
   exit 1

@@ -1,7 +1,7 @@
 """Build objects from typed config sections; shared by the training runner and the launch/ scripts."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -24,22 +24,26 @@ def build_model_from_config(
     task: str,
     device: torch.device | str | None = None,
     config_overrides: Optional[dict[str, Any]] = None,
+    check: Optional[Callable[[GPTJConfig], None]] = None,
 ) -> GPTJPreTrainedModel:
     """GPT-J with the head of `task`, in `model_cfg.dtype`, on `device` (None: CPU).
 
     `model_cfg.path` None: a random init of the preset `model_cfg.name`; else the checkpoint there.
     `model_cfg.overrides` and then `config_overrides` (what the task decides, e.g. num_labels) are applied
-    to the GPT-J config either way.
+    to the GPT-J config either way. `check(config)` runs before the model is built (e.g. the memory check).
     """
     dtype = torch_dtype(model_cfg.dtype)
     overrides = {**model_cfg.overrides, **(config_overrides or {})}
     if model_cfg.path is None:
         config = GPTJConfig.preset(model_cfg.name, **overrides)
+        if check is not None:
+            check(config)
         # Init in fp32 on the target device, then cast: HF's init draws its random numbers in fp32.
         model = build_model(config, task=task, device=device).to(dtype)
     else:
         model = hf_weights.load_pretrained(
-            model_cfg.path, task=task, dtype=dtype, config_overrides=overrides or None, device=device or "cpu"
+            model_cfg.path, task=task, dtype=dtype, config_overrides=overrides or None, device=device or "cpu",
+            check=check,
         )
     model.gradient_checkpointing_enable(model_cfg.gradient_checkpointing)
     if task == "clm":

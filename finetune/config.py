@@ -199,6 +199,8 @@ class TrainerConfig:
     # for cls/qa), the same for any split into ranks, micro batches and accumulation. micro_batch: the mean of each
     # micro batch's own mean (layout-dependent; what DeepSpeed does by itself), to reproduce older runs.
     loss_normalization: str = "global_batch"
+    # Shared nodes: final/ and eval_results.json readable by their owner only (files 0600, directories 0700).
+    private_outputs: bool = False
 
 
 @dataclass

@@ -152,22 +152,22 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
         return None
     final = run_dir / "final"
     dtype = torch_dtype(run.model.dtype)
+    private = run.trainer.private_outputs
     if not run.lora.enabled:
         save_pretrained(state, final, config=config, task=run.task, dtype=dtype, overwrite=True,
-                        extra_writer=tokenizer.save_pretrained)
+                        extra_writer=tokenizer.save_pretrained, private=private)
         return final
+    from finetune.model.hf_weights import make_staging_dir, publish_dir
     from finetune.training.lora import merged_state_dict, save_adapter
 
     def write_adapter(directory: Path) -> None:
         save_adapter(engine.module, directory, gathered_state_dict=state, base_model_name_or_path=run.model.path)
 
     if not (run.lora.merge_into_final or run.model.path is None):
-        staging = run_dir / ".final.staging"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = make_staging_dir(final, private=private)
         write_adapter(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        publish_dir(staging, final, private=private)
         return final
     adapter_staging = run_dir / ".final.adapter.staging"
     shutil.rmtree(adapter_staging, ignore_errors=True)
@@ -179,7 +179,7 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
         adapter_staging.rename(directory / "adapter")
 
     save_pretrained(merged, final, config=config, task=run.task, dtype=dtype, overwrite=True,
-                    extra_writer=add_tokenizer_and_adapter)
+                    extra_writer=add_tokenizer_and_adapter, private=private)
     return final
 
 
@@ -386,7 +386,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
         if result.completed:
             final = export_final(engine, run=run, config=config, tokenizer=tokenizer, info=info, run_dir=run_dir)
             if info.is_main:
-                _report_done(task, run_dir, final, result)
+                _report_done(task, run_dir, final, result, private=run.trainer.private_outputs)
         elif info.is_main:
             why = f"signal {preemption.received.name}" if result.preempted else "trainer.stop_after_steps"
             print(
@@ -401,11 +401,11 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
     return result
 
 
-def _report_done(task: Task, run_dir: Path, final: Optional[Path], result: LoopResult) -> None:
+def _report_done(task: Task, run_dir: Path, final: Optional[Path], result: LoopResult, *, private: bool) -> None:
     results_file = run_dir / "eval_results.json"
     print(f"Done. Run dir: {run_dir}\n  final model: {final}\n  metrics: {run_dir / 'metrics.jsonl'}", flush=True)
     if result.eval_results is not None:
-        write_eval_results(results_file, {"step": result.global_step, **result.eval_results})
+        write_eval_results(results_file, {"step": result.global_step, **result.eval_results}, private=private)
         print(f"  eval results: {results_file}: {_summary(task, result.eval_results)}", flush=True)
 
 

@@ -12,6 +12,7 @@ The data config must describe the data as training did (a classifier's labels co
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +31,7 @@ from finetune.model import build_model, default_chunk_tokens  # noqa: E402
 from finetune.model.hf_weights import load_state_into, read_config, resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
 from finetune.tasks import Task, get_task  # noqa: E402
-from finetune.tools.predict import is_adapter_dir, load_model_for_inference  # noqa: E402
+from finetune.tools.predict import is_adapter_dir, load_model_for_inference, memory_check  # noqa: E402
 from finetune.training.evaluation import evaluate, write_eval_results  # noqa: E402
 from launch.train import strip_launcher_args  # noqa: E402
 
@@ -45,8 +46,30 @@ def split_data_config(data_cfg: DataConfig, split: str, task: str) -> DataConfig
     raise ConfigError(f"eval.split={split!r} is not a split; use validation or train.")
 
 
+def local_ranks() -> int:
+    """Ranks on this host (torchrun: LOCAL_WORLD_SIZE, the deepspeed launcher: LOCAL_SIZE, srun)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def refuse_if_too_big(model_dir: Path, *, task: str, dtype_name: str, zero3: bool, world_size: int,
+                      source: str) -> None:
+    """Before data and model: a model whose weights cannot fit the device(s) is a ConfigError (under ZeRO-3 each
+    rank holds 1/world of them). A LoRA adapter is checked when its base is loaded."""
+    from deepspeed.accelerator import get_accelerator
+
+    if is_adapter_dir(model_dir):
+        return
+    device = get_accelerator().device_name()
+    memory_check(task=task, dtype=torch_dtype(dtype_name), device=device, source=source,
+                 shards=world_size if zero3 else 1,
+                 ranks_on_host=local_ranks() if device == "cpu" else 1)(read_config(model_dir))
+
+
 def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool, micro_batch_size: int,
-                     world_size: int, base_model: Optional[str]):
+                     world_size: int, base_model: Optional[str], check_memory: bool = True):
     """A DeepSpeed engine without optimizer: ZeRO-3 (weights partitioned over ranks) or stage 0 (whole model)."""
     import deepspeed
 
@@ -58,13 +81,15 @@ def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool
     }
     dtype = torch_dtype(dtype_name)
     if zero3 and not is_adapter_dir(model_dir):
+        config = read_config(model_dir)  # its memory need was checked by refuse_if_too_big
         # Built partitioned and filled slice by slice: no rank ever holds the whole model. The dtype comes from the
         # config's bf16/fp16 flags: zero.Init's own `dtype` argument is ignored on accelerators without fp16 (CPU).
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_model(read_config(model_dir), task=task, init=False)
+            model = build_model(config, task=task, init=False)
         load_state_into(model, model_dir)
     else:  # an adapter is merged into its base on every rank first; deepspeed.initialize then partitions it
-        model = load_model_for_inference(model_dir, task=task, dtype=dtype, base_model=base_model)
+        model = load_model_for_inference(model_dir, task=task, dtype=dtype, base_model=base_model,
+                                         check_memory=check_memory)
     if task == "clm":  # the evaluation loss chunk by chunk: no (tokens x vocab) logits
         model.loss_chunk_tokens = default_chunk_tokens(model.config.vocab_size)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
@@ -106,15 +131,18 @@ def main(cfg: DictConfig) -> None:
     model_dir = resolve_model_dir(cfg.model.path)
     info = distributed.init_distributed()
     try:
+        zero3 = cfg.eval.zero3 if cfg.eval.zero3 is not None else info.world_size > 1
+        if cfg.check_memory:
+            refuse_if_too_big(model_dir, task=task.name, dtype_name=cfg.model.dtype, zero3=zero3,
+                              world_size=info.world_size, source=str(cfg.model.path))
         tokenizer = GPTJTokenizer.from_pretrained(model_dir)
         with distributed.main_process_first(info):
             data = task.load_data(data_cfg, tokenizer)
         if data.validation is None or len(data.validation) == 0:
             raise ConfigError(f"The {cfg.eval.split} split is empty; set data.validation_file (or data.validation_fraction).")
-        zero3 = cfg.eval.zero3 if cfg.eval.zero3 is not None else info.world_size > 1
         engine = inference_engine(model_dir, task=task.name, dtype_name=cfg.model.dtype, zero3=zero3,
                                   micro_batch_size=cfg.eval.micro_batch_size, world_size=info.world_size,
-                                  base_model=cfg.base_model)
+                                  base_model=cfg.base_model, check_memory=cfg.check_memory)
         check_labels(task, engine.module.config, data)
         metrics = evaluate(engine, task, data, data_cfg, task.collator(tokenizer, data_cfg), info=info,
                            micro_batch_size=cfg.eval.micro_batch_size)
@@ -123,7 +151,8 @@ def main(cfg: DictConfig) -> None:
                   f"world {info.world_size}{' (ZeRO-3)' if zero3 else ''}\n{format_table(metrics)}", flush=True)
             if cfg.eval.output:
                 write_eval_results(Path(cfg.eval.output), {"task": task.name, "split": cfg.eval.split,
-                                                           "model": str(cfg.model.path), **metrics})
+                                                           "model": str(cfg.model.path), **metrics},
+                                   private=cfg.private_outputs)
                 print(f"Wrote {cfg.eval.output}", file=sys.stderr)
     finally:
         distributed.shutdown()

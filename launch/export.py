@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
     out = export_checkpoint(
         cfg.checkpoint, cfg.out, tag=cfg.tag, dtype=cfg.dtype, merge_lora=cfg.merge_lora, base_model=cfg.base_model,
         config_path=cfg.config, task=cfg.task, max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite,
+        private=cfg.private_outputs,
     )
     files = sorted(p.name for p in out.iterdir())
     print(f"Exported {cfg.checkpoint} -> {out} in {time.perf_counter() - start:.1f} s: {', '.join(files)}")

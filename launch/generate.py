@@ -18,12 +18,13 @@ from omegaconf import DictConfig, ListConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without `pip install -e .`
 
-from finetune.builders import build_model_from_config  # noqa: E402
+from finetune.builders import build_model_from_config, torch_dtype  # noqa: E402
 from finetune.cli import hydra_app, quote_free_text_overrides  # noqa: E402
 from finetune.config import ConfigError, GenerationConfig, ModelConfig, to_typed  # noqa: E402
 from finetune.model.generation import generate_text  # noqa: E402
 from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
+from finetune.tools.predict import memory_check  # noqa: E402
 
 SEPARATOR = "-" * 80
 
@@ -60,7 +61,9 @@ def main(cfg: DictConfig) -> None:
 
     # The seed also fixes a random-init model (model.path unset), so the whole output is reproducible.
     torch.manual_seed(generation_cfg.seed)
-    model = build_model_from_config(model_cfg, task="clm", device=device)
+    check = memory_check(task="clm", dtype=torch_dtype(model_cfg.dtype), device=device,
+                         source=model_cfg.path or f"model={model_cfg.name}") if cfg.check_memory else None
+    model = build_model_from_config(model_cfg, task="clm", device=device, check=check)
     # A checkpoint dir carries its tokenizer; elsewhere (random init) the bundled GPT-J tokenizer is the one.
     tokenizer = GPTJTokenizer.from_pretrained(resolve_model_dir(model_cfg.path) if model_cfg.path else None)
     tokenizer.check_fits(model.config.vocab_size)

@@ -24,7 +24,14 @@ from finetune.cli import hydra_app  # noqa: E402
 from finetune.config import ConfigError, DataConfig, GenerationConfig, TaskConfig, to_typed  # noqa: E402
 from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
-from finetune.tools.predict import check_columns, load_model_for_inference, make_predictor, predict_file, read_input  # noqa: E402
+from finetune.tools.predict import (  # noqa: E402
+    check_columns,
+    check_output,
+    load_model_for_inference,
+    make_predictor,
+    predict_file,
+    read_input,
+)
 from launch.generate import pick_device  # noqa: E402  (the device rule of every launch tool)
 
 
@@ -41,14 +48,17 @@ def main(cfg: DictConfig) -> None:
 
     rows = read_input(cfg.input, task=task, cfg=data_cfg)  # before the model: a wrong file fails fast
     check_columns(rows, task, data_cfg, input_name=cfg.input)
-    model = load_model_for_inference(cfg.model.path, task=task, dtype=dtype, device=device, base_model=cfg.base_model)
+    check_output(Path(cfg.output).expanduser())  # never appends to (or cuts) a file that is not predictions
+    model = load_model_for_inference(cfg.model.path, task=task, dtype=dtype, device=device, base_model=cfg.base_model,
+                                     check_memory=cfg.check_memory)
     tokenizer = GPTJTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
     tokenizer.check_fits(model.config.vocab_size)
     predict = make_predictor(task, model, tokenizer, data_cfg, generation=generation, input_name=cfg.input)
 
     start = time.perf_counter()
     skipped, predicted = predict_file(rows, cfg.output, predict, batch_size=cfg.batch_size,
-                                      id_column=data_cfg.id_column, progress=cfg.progress)
+                                      id_column=data_cfg.id_column, progress=cfg.progress,
+                                      private=cfg.private_outputs)
     resumed = f" (resumed: {skipped} rows were already there)" if skipped else ""
     print(f"[predict] {predicted} rows -> {cfg.output} in {time.perf_counter() - start:.1f} s on {device}{resumed}",
           file=sys.stderr)

@@ -63,13 +63,16 @@ class GPTJConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.n_embd % self.n_head:
             raise ModelConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them."
             )
         if self.rotary_dim is not None and (self.rotary_dim > self.head_dim or self.rotary_dim % 2):
             raise ModelConfigError(
-                f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})."
+                f"rotary_dim ({self.rotary_dim}) must be even and at most the head dim n_embd / n_head = "
+                f"{self.head_dim}; set rotary_dim to an even number up to {self.head_dim} (GPT-J 6B: 64), or null "
+                "for rotary over the whole head."
             )
         if self.activation_function not in _ACTIVATIONS:
             raise ModelConfigError(
@@ -94,9 +97,18 @@ class GPTJConfig:
                 "(model_type 'gptj'); point model.path at a GPT-J checkpoint."
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "id2label"}
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"config.json must hold a JSON object, got {type(raw).__name__}.")
         kwargs = {k: v for k, v in raw.items() if k in known}
         if raw.get("id2label") is not None:
-            kwargs["id2label"] = {int(k): v for k, v in raw["id2label"].items()}
+            id2label = raw["id2label"]
+            try:
+                kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+            except (AttributeError, TypeError, ValueError):
+                raise ModelConfigError(
+                    "field 'id2label' must map label ids to names, e.g. {\"0\": \"negative\", \"1\": \"positive\"}, "
+                    f"got {id2label!r}; fix it or remove it (labels are then LABEL_0, LABEL_1, ...)."
+                ) from None
             kwargs.setdefault("num_labels", len(kwargs["id2label"]))
         # HF writes label2id and derived keys itself; everything else unknown round-trips.
         derived = {"model_type", "label2id", "architectures", "transformers_version", "torch_dtype", "dtype"}
@@ -114,11 +126,16 @@ class GPTJConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "GPTJConfig":
+        """The config of a config.json; an unusable value is a ModelConfigError naming the file and the field."""
         try:
             raw = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ModelConfigError(f"{path} is not valid JSON ({err}); re-export the checkpoint's config.json.") from None
-        return cls.from_hf_dict(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelConfigError(
+                f"{path} is not valid JSON ({err}); re-export the checkpoint's config.json.") from None
+        try:
+            return cls.from_hf_dict(raw)
+        except ModelConfigError as err:
+            raise ModelConfigError(f"{path}: {err} (edit that file, or re-save the checkpoint).") from None
 
     def to_dict(self) -> dict[str, Any]:
         """HF-style dict; peft reads the base model's config through this."""
@@ -138,6 +155,50 @@ class GPTJConfig:
                 "(n_layer, n_embd, n_head, rotary_dim, n_inner, vocab_size, n_positions, ...)."
             )
         return cls(**{**PRESETS[name], **overrides})
+
+
+# What each field must be: (allowed types, least value, what to write instead). bool is checked apart: it is an int.
+_POSITIVE_INT = ((int,), 1, "a positive integer")
+_FIELD_RULES: dict[str, tuple[tuple[type, ...], Optional[float], str]] = {
+    "vocab_size": _POSITIVE_INT, "n_positions": _POSITIVE_INT, "n_embd": _POSITIVE_INT, "n_layer": _POSITIVE_INT,
+    "n_head": _POSITIVE_INT, "rotary_dim": _POSITIVE_INT, "n_inner": _POSITIVE_INT, "num_labels": _POSITIVE_INT,
+    "bos_token_id": ((int,), 0, "a token id (an integer >= 0)"),
+    "eos_token_id": ((int,), 0, "a token id (an integer >= 0)"),
+    "pad_token_id": ((int,), 0, "a token id (an integer >= 0)"),
+    "resid_pdrop": ((int, float), 0, "a probability in [0, 1)"),
+    "embd_pdrop": ((int, float), 0, "a probability in [0, 1)"),
+    "attn_pdrop": ((int, float), 0, "a probability in [0, 1)"),
+    "layer_norm_epsilon": ((int, float), 0, "a positive number, e.g. 1e-5"),
+    "initializer_range": ((int, float), 0, "a number >= 0, e.g. 0.02"),
+    "activation_function": ((str,), None, "a string"),
+    "use_cache": ((bool,), None, "true or false"),
+    "tie_word_embeddings": ((bool,), None, "true or false"),
+}
+_NULLABLE = {"rotary_dim", "n_inner", "bos_token_id", "eos_token_id", "pad_token_id", "problem_type", "id2label"}
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def _check_field_types(config: "GPTJConfig") -> None:
+    """A ModelConfigError naming the first field whose value cannot describe a GPT-J model, and what it must be."""
+    for name, (types, least, what) in _FIELD_RULES.items():
+        value = getattr(config, name)
+        if value is None and name in _NULLABLE:
+            continue
+        is_bool = isinstance(value, bool)
+        wrong_type = (not isinstance(value, types) or (is_bool and bool not in types)
+                      or (not is_bool and types == (bool,)))
+        too_small = not wrong_type and least is not None and (
+            value < least or (name == "layer_norm_epsilon" and value == 0))
+        too_big = not wrong_type and name.endswith("_pdrop") and value >= 1
+        if wrong_type or too_small or too_big:
+            got = f"the string {value!r}" if isinstance(value, str) else repr(value)
+            raise ModelConfigError(
+                f"field {name!r} must be {what}, got {got}"
+                + ("; write numbers without quotes" if isinstance(value, str) and str not in types else "") + "."
+            )
+    if config.problem_type is not None and config.problem_type not in PROBLEM_TYPES:
+        raise ModelConfigError(f"field 'problem_type' must be one of {', '.join(PROBLEM_TYPES)} or null, "
+                               f"got {config.problem_type!r}.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

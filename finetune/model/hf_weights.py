@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from finetune.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_private, new_file_mode, swap_into_place
 from finetune.model import HEADS, GPTJConfig, GPTJPreTrainedModel, ModelConfigError, build_model
 from finetune.model.gptj import init_module_weights
 
@@ -66,12 +68,24 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", path)) and not path.startswith((".", "~"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: the Hub's form, and what never names a local path
+
+
+def looks_local(path: str) -> bool:
+    """Whether `path` names a local directory rather than a Hub repo: it starts with ./ ../ / or ~, its parent
+    directory exists, or it is not of the Hub's org/name form. Such a path is never sent to the Hub."""
+    repo_part = path.partition("@")[0]
+    if path.startswith((".", "/", "~", "\\")) or not _HUB_ID.fullmatch(repo_part):
+        return True
+    return Path(repo_part).parent.exists() or Path(path).parent.exists()
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A local checkpoint directory as is; a hub id (`org/name`, optionally `@revision`) downloaded when online."""
+    """A local checkpoint directory as is; a Hub id (`org/name`, optionally `@revision`) downloaded when online.
+
+    A path that looks local (see `looks_local`) is never fetched from the Hub, so a typo or the wrong working
+    directory fails here instead of loading someone else's model; a Hub fetch logs the repo, revision and commit.
+    """
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -79,12 +93,18 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise CheckpointError(
             f"model.path {str(path)!r} is a file; point it at the checkpoint directory that holds config.json."
         )
-    if not _looks_like_hub_id(str(path)):
+    if isinstance(path, Path) or looks_local(str(path)):
         raise CheckpointError(
-            f"model.path {str(path)!r} does not exist; pass a local directory holding config.json and the weights."
+            f"model.path {str(path)!r}: no such local model dir ({local.absolute()} does not exist; paths are "
+            f"relative to the working directory {Path.cwd()}). Pass an existing directory holding config.json and "
+            "the weights. Only an org/name id whose org is not a local directory is fetched from the Hugging Face "
+            "Hub."
         )
     repo_id, _, revision = str(path).partition("@")
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    if _rank() == 0:
+        logger.warning("model.path %r is not a local directory: fetching Hugging Face Hub repo %s at revision %s%s.",
+                       str(path), repo_id, revision or "main", " (offline: local cache only)" if offline else "")
     try:
         from huggingface_hub import snapshot_download
 
@@ -103,6 +123,9 @@ def resolve_model_dir(path: str | Path) -> Path:
             f"model.path {str(path)!r} is not a local directory and {why}. Download the checkpoint beforehand "
             f"(e.g. `huggingface-cli download {repo_id} --local-dir DIR`) and set model.path=DIR."
         ) from None
+    if _rank() == 0:  # the snapshot dir is named by the commit the revision resolved to
+        logger.warning("Hugging Face Hub repo %s at revision %s is commit %s: %s", repo_id, revision or "main",
+                       model_dir.name, model_dir)
     return model_dir
 
 
@@ -128,20 +151,45 @@ def read_config(model_dir: str | Path) -> GPTJConfig:
 _PREAD_SUPPORTED: Optional[bool] = None
 
 
-def _safe_open(file: Path):
-    """safe_open reading with pread when this safetensors has it: the tensors it returns own their memory,
-    while a memory map keeps every page read so far resident (counted in RSS) until it is closed."""
-    from safetensors import safe_open
+def open_safetensors(file: Path, *, mapped: bool = False):
+    """safe_open of `file`; a file whose header safetensors cannot parse (truncated, corrupt, not safetensors) is
+    a CheckpointError naming it. Reads with pread when this safetensors has it, unless `mapped`: the tensors pread
+    returns own their memory, while a memory map keeps every page read so far resident (counted in RSS) until it
+    is closed."""
+    from safetensors import SafetensorError, safe_open
 
     global _PREAD_SUPPORTED
-    if _PREAD_SUPPORTED is not False:
+    try:
+        if _PREAD_SUPPORTED is not False and not mapped:
+            try:
+                handle = safe_open(str(file), framework="pt", backend="pread")
+                _PREAD_SUPPORTED = True
+                return handle
+            except TypeError:
+                _PREAD_SUPPORTED = False
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it is probably truncated or "
+            "corrupt (an interrupted download or copy). Download or copy it again."
+        ) from None
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A .bin file's tensors, memory-mapped when its format allows; torch's restricted unpickler refuses anything
+    but tensors and containers, and an unreadable file is a CheckpointError naming it."""
+    try:
         try:
-            handle = safe_open(str(file), framework="pt", backend="pread")
-            _PREAD_SUPPORTED = True
-            return handle
-        except TypeError:
-            _PREAD_SUPPORTED = False
-    return safe_open(str(file), framework="pt")
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # legacy (pre-zipfile) .bin files cannot be memory-mapped
+            logger.warning("%s is in torch's legacy format: loading it whole (re-save it for low memory).", file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"{file} cannot be read as torch weights ({type(err).__name__}: {str(err).splitlines()[0]}); it is "
+            "truncated, corrupt, or holds objects other than tensors. Download or copy it again, or use a "
+            "safetensors checkpoint."
+        ) from None
 
 
 class _CheckpointReader:
@@ -186,7 +234,7 @@ class _CheckpointReader:
 
     def _shapes_in(self, file: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
         if self.format == "safetensors":
-            with _safe_open(file) as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     yield name, tuple(f.get_slice(name).get_shape())
         else:
@@ -195,12 +243,7 @@ class _CheckpointReader:
 
     def _bin_state(self, file: Path) -> dict[str, torch.Tensor]:
         if self._bin_cache[0] != file:
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError:  # legacy (pre-zipfile) .bin files cannot be memory-mapped
-                logger.warning("%s is in torch's legacy format: loading it whole (re-save it for low memory).", file)
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            self._bin_cache, self._bin_bytes = (file, state), 0
+            self._bin_cache, self._bin_bytes = (file, _load_bin(file)), 0
         return self._bin_cache[1]
 
     def _release_bin(self) -> None:
@@ -210,7 +253,7 @@ class _CheckpointReader:
         """The tensor, and whether it owns its memory (False: a view into a file map that must be copied)."""
         file = self.file_of[name]
         if self.format == "safetensors":
-            with _safe_open(file) as f:
+            with open_safetensors(file) as f:
                 return f.get_tensor(name), bool(_PREAD_SUPPORTED)
         tensor = self._bin_state(file)[name]
         self._bin_bytes += tensor.nbytes
@@ -222,9 +265,7 @@ class _CheckpointReader:
         """Tensor `name` in `dtype` on `device`, owning its memory; with `mapped`, a safetensors tensor already in
         `dtype` that stays on the CPU is returned memory-mapped from its file instead (copy-on-write)."""
         if mapped and self.format == "safetensors" and device.type == "cpu":
-            from safetensors import safe_open
-
-            with safe_open(str(self.file_of[name]), framework="pt") as f:  # the mmap backend
+            with open_safetensors(self.file_of[name], mapped=True) as f:
                 tensor = f.get_tensor(name)
             if tensor.dtype == dtype:
                 return tensor
@@ -238,7 +279,7 @@ class _CheckpointReader:
         if self.format == "safetensors" and len(shape) > 0:
             row = math.prod(shape[1:])
             first, last = start // row, -(-end // row)
-            with _safe_open(self.file_of[name]) as f:
+            with open_safetensors(self.file_of[name]) as f:
                 rows = f.get_slice(name)[first:last]
             return rows.reshape(-1)[start - first * row:end - first * row]
         return self._raw(name)[0].reshape(-1)[start:end]
@@ -434,6 +475,7 @@ def load_pretrained(
     dtype: torch.dtype,
     config_overrides: Optional[Mapping[str, Any]] = None,
     device: torch.device | str = "cpu",
+    check: Optional[Callable[[GPTJConfig], None]] = None,
 ) -> GPTJPreTrainedModel:
     """GPT-J with the head of `task` (clm | cls | qa) and a checkpoint's weights in `dtype`, in eval mode.
 
@@ -441,12 +483,14 @@ def load_pretrained(
     config.json fields, e.g. {"num_labels": 3, "id2label": {...}} for a new classification head.
     Peak host memory is at most the weights' size in `dtype` plus the largest tensor: safetensors weights already
     in `dtype`, loaded to the CPU, stay memory-mapped from the file and are read in as they are used (see
-    load_state_into's `mapped`).
+    load_state_into's `mapped`). `check(config)` runs before anything is built (a memory check may raise there).
     """
     model_dir = resolve_model_dir(model_dir)
     config = read_config(model_dir)
     if config_overrides:
         config = _override(config, dict(config_overrides))
+    if check is not None:
+        check(config)
     model = build_model(config, task=task, device="meta")
     load_state_into(model, model_dir, dtype=dtype, device=device, mapped=True)
     return model.eval()
@@ -481,6 +525,7 @@ def save_pretrained(
     safe_serialization: bool = True,
     overwrite: bool = False,
     extra_writer: Optional[Callable[[Path], None]] = None,
+    private: bool = False,
 ) -> None:
     """Write a checkpoint transformers loads: config.json and weights (sharded above `max_shard_size`).
 
@@ -488,7 +533,8 @@ def save_pretrained(
     copied. Everything is written into a hidden staging directory next to `out_dir` and renamed
     into place at the end, so an interrupted save never leaves a half-written `out_dir`.
     `extra_writer(staging_dir)` may add files (tokenizer, adapters) to the same atomic publish.
-    A non-empty `out_dir` is only replaced with overwrite=True.
+    A non-empty `out_dir` is only replaced with overwrite=True, in one swap (finetune.files.swap_into_place).
+    `private`: files 0600 and directories 0700 (shared nodes); else the permissions any new file gets here.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -506,15 +552,15 @@ def save_pretrained(
     split = split_torch_state_dict_into_shards(target, filename_pattern=pattern, max_shard_size=max_shard_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = make_staging_dir(out_dir, private=private)
     try:
+        # safetensors writes through a private (0600) temp file; its files get the permissions any new file gets.
+        file_mode = PRIVATE_FILE_MODE if private else new_file_mode(staging)
         for filename, names in split.filename_to_tensors.items():
             shard = {n: state[n].detach().to(dtype=dtype or state[n].dtype).contiguous() for n in names}
             if safe_serialization:
                 save_file(shard, staging / filename, metadata={"format": "pt"})
-                # safetensors writes through a private (0600) temp file; give it the permissions any new file gets.
-                os.chmod(staging / filename, 0o666 & ~_umask())
+                os.chmod(staging / filename, file_mode)
             else:
                 torch.save(shard, staging / filename)
             del shard
@@ -528,7 +574,7 @@ def save_pretrained(
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if extra_writer is not None:
             extra_writer(staging)
-        _publish(staging, out_dir)
+        publish_dir(staging, out_dir, private=private)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -563,20 +609,17 @@ def _state_to_save(model_or_state_dict, *, config: GPTJConfig, task: str) -> dic
     return state
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def make_staging_dir(out_dir: Path, *, private: bool = False) -> Path:
+    """A new hidden directory next to `out_dir` to write an output into before publishing it (0700 if private:
+    nothing in it is reachable by others while it is written)."""
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=PRIVATE_DIR_MODE if private else 0o777)
+    return staging
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging dir into place; an existing out_dir is moved aside first and removed last."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+def publish_dir(staging: Path, out_dir: Path, *, private: bool = False) -> None:
+    """Make the finished staging dir `out_dir`, replacing an existing one in one swap; with `private`, its files
+    become 0600 and its directories 0700 first."""
+    if private:
+        make_private(staging)
+    swap_into_place(staging, out_dir)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import pickle
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +28,15 @@ import torch
 
 from finetune.config import ConfigError, LoraConfig, ModelConfig, to_typed
 from finetune.model import ARCHITECTURES, HEADS, GPTJConfig, build_model
-from finetune.model.hf_weights import CheckpointError, load_pretrained, read_config, resolve_model_dir, save_pretrained
+from finetune.model.hf_weights import (
+    CheckpointError,
+    load_pretrained,
+    make_staging_dir,
+    publish_dir,
+    read_config,
+    resolve_model_dir,
+    save_pretrained,
+)
 from finetune.model.tokenizer import GPTJTokenizer
 
 LATEST = "latest"
@@ -125,7 +133,7 @@ def read_checkpoint_state(checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
         if not model_file.is_file():
             raise CheckpointError(f"{checkpoint.path} has neither ZeRO optimizer shards nor {model_file.name}; the "
                                   "checkpoint is incomplete.")
-        return dict(torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)["module"])
+        return _stage0_module_state(model_file)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from finetune.training.nvme import offloaded_master_weights
@@ -142,6 +150,36 @@ def read_checkpoint_state(checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
             "(export another tag if this one is incomplete)."
         ) from None
     return {k: v if isinstance(v, torch.Tensor) else _LazyTensor(v) for k, v in state.items()}
+
+
+# The numpy objects a stage-0 model file holds besides tensors: the RNG states the checkpointer stores in
+# client_state (finetune.distributed.rng_state). Everything else must be tensors and plain containers.
+def _numpy_rng_globals() -> list[Any]:
+    import numpy as np
+
+    reconstruct = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    return [reconstruct._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
+
+
+def _stage0_module_state(model_file: Path) -> dict[str, Any]:
+    """The module weights of a stage-0 model file, unpickled with torch's restricted unpickler.
+
+    The single place export itself unpickles a training checkpoint file: a file holding any other object (code
+    run by a crafted pickle) is refused here, see docs/security.md. DeepSpeed's own ZeRO loader in
+    read_checkpoint_state unpickles the optimizer shards; checkpoint verification covers those.
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            saved = torch.load(model_file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{model_file} holds objects other than tensors, plain containers and RNG states, so it is not loaded "
+            f"(unpickling it could run code): {str(err).splitlines()[0]} Export a checkpoint written by this "
+            "project's training; if this one was copied from elsewhere, it may have been tampered with."
+        ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+        raise CheckpointError(f"{model_file} holds no 'module' state dict; it is not a DeepSpeed model file.")
+    return dict(saved["module"])
 
 
 # --- what the run knew ------------------------------------------------------------------------------
@@ -261,6 +299,34 @@ def _config_from_hydra(hydra: Any, *, model_path: Optional[str]) -> GPTJConfig:
     return model_config(run, overrides)
 
 
+# --- where the output may go -------------------------------------------------------------------------
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def refuse_output_over_sources(out_dir: str | Path, checkpoint: DeepSpeedCheckpoint, *,
+                               base_model: Optional[str] = None) -> None:
+    """A CheckpointError when `out_dir` is, contains or lies inside what export reads: replacing it (overwrite)
+    would delete the source. Symlinks are resolved first."""
+    out = Path(out_dir).expanduser().resolve()
+    sources = {"checkpoint dir": checkpoint.directory}
+    if checkpoint.run_dir is not None:
+        sources["run dir"] = checkpoint.run_dir
+    if base_model is not None and Path(base_model).expanduser().is_dir():
+        sources["base model"] = Path(base_model).expanduser()
+    outermost = (checkpoint.run_dir or checkpoint.directory).resolve()
+    for what, source in sources.items():
+        source = source.resolve()
+        if _within(out, source) or _within(source, out):
+            where = "is" if out == source else ("lies inside" if _within(out, source) else "contains")
+            suggestion = source if what == "base model" else outermost
+            raise CheckpointError(
+                f"out={str(out_dir)!r} {where} the {what} {source} that export reads: writing it (or replacing it "
+                f"with overwrite=true) would destroy the source. Choose an out=DIR outside {suggestion}, e.g. "
+                f"out={suggestion.parent / (suggestion.name + '-hf')}."
+            )
+
+
 # --- export -----------------------------------------------------------------------------------------
 def is_lora_state(state: dict[str, Any]) -> bool:
     from finetune.training.lora import PEFT_PREFIX
@@ -314,26 +380,32 @@ def export_checkpoint(
     task: Optional[str] = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    private: bool = False,
 ) -> Path:
     """Write the HF-format model of a DeepSpeed checkpoint into `out_dir` (atomically); returns `out_dir`.
 
     `dtype` (bf16 | fp16 | fp32; None: the run's model.dtype) is the saved weights' dtype. A LoRA checkpoint
     gives merged full weights (`merge_lora`), or the adapter alone (peft files + tokenizer, as final/ holds it).
-    `base_model` supplies base weights a LoRA checkpoint was saved without.
+    `base_model` supplies base weights a LoRA checkpoint was saved without. An `out_dir` that is, holds or lies
+    in the checkpoint, its run dir or the base model is refused; an existing one is replaced only with
+    `overwrite`, in one swap. `private`: files 0600, directories 0700.
     """
     from finetune.builders import torch_dtype
 
     if dtype is not None:
         torch_dtype(dtype, key="dtype")  # a typo fails before any reading
     location = locate_checkpoint(checkpoint, tag=tag)
+    refuse_output_over_sources(out_dir, location, base_model=base_model)
     run = describe_run(location, config_path=config_path, task=task, base_model=base_model)
+    refuse_output_over_sources(out_dir, location, base_model=run.base_model)
     target_dtype = torch_dtype(dtype or run.dtype, key="dtype")
     tokenizer = GPTJTokenizer.from_pretrained(run.tokenizer_dir)
     state = read_checkpoint_state(location)
 
     if not is_lora_state(state):
         save_pretrained(state, out_dir, config=run.config, task=run.task, dtype=target_dtype,
-                        max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained)
+                        max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained,
+                        private=private)
         return Path(out_dir)
     if run.lora is None:
         raise ConfigError(
@@ -341,19 +413,21 @@ def export_checkpoint(
             "the lora section of .hydra/config.yaml); export needs lora.r and lora.alpha to merge."
         )
     if not merge_lora:
-        return _export_adapter(state, out_dir, run=run, tokenizer=tokenizer, dtype=target_dtype, overwrite=overwrite)
+        return _export_adapter(state, out_dir, run=run, tokenizer=tokenizer, dtype=target_dtype, overwrite=overwrite,
+                               private=private)
     from finetune.training.lora import merged_state_dict
 
     _fill_base_weights(state, run, base_model=base_model)
     merged = merged_state_dict(state, run.lora)
     save_pretrained(merged, out_dir, config=run.config, task=run.task, dtype=target_dtype,
-                    max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained)
+                    max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained,
+                        private=private)
     return Path(out_dir)
 
 
 def _export_adapter(state: dict[str, Any], out_dir: str | Path, *, run: RunDescription, tokenizer: GPTJTokenizer,
-                    dtype: torch.dtype, overwrite: bool) -> Path:
-    """peft's adapter files (LoRA A/B and the trained head) + tokenizer, published by one rename."""
+                    dtype: torch.dtype, overwrite: bool, private: bool) -> Path:
+    """peft's adapter files (LoRA A/B and the trained head) + tokenizer, published by one swap."""
     from finetune.training.lora import save_adapter
 
     out_dir = Path(out_dir)
@@ -365,15 +439,13 @@ def _export_adapter(state: dict[str, Any], out_dir: str | Path, *, run: RunDescr
         value = state[key]
         value = value.materialize() if isinstance(value, _LazyTensor) else value
         adapter_state[key] = value.to(dtype).contiguous()
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(out_dir, private=private)
     try:
         save_adapter(_peft_skeleton(run.config, run.task, run.lora), staging, gathered_state_dict=adapter_state,
                      base_model_name_or_path=run.base_model)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        publish_dir(staging, out_dir, private=private)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

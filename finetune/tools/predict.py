@@ -21,8 +21,9 @@ import datasets
 import torch
 
 from finetune.config import ConfigError, DataConfig, GenerationConfig
-from finetune.model import GPTJPreTrainedModel
-from finetune.model.hf_weights import CheckpointError, load_pretrained, resolve_model_dir
+from finetune.files import PRIVATE_FILE_MODE
+from finetune.model import GPTJConfig, GPTJPreTrainedModel
+from finetune.model.hf_weights import CheckpointError, load_pretrained, open_safetensors, resolve_model_dir
 from finetune.model.tokenizer import GPTJTokenizer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -50,18 +51,20 @@ def load_model_for_inference(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     base_model: Optional[str] = None,
+    check_memory: bool = True,
 ) -> GPTJPreTrainedModel:
     """The model at `path` in eval mode: full weights, or a LoRA adapter merged into its base.
 
     The adapter's base is `base_model`, else the `base_model_name_or_path` recorded in adapter_config.json.
     The head comes from the adapter (it is trained in full); a config.json next to the adapter supplies its
-    labels (id2label), else they are LABEL_i.
+    labels (id2label), else they are LABEL_i. With `check_memory`, a model whose weights cannot fit `device`
+    is refused before it is built (finetune.planning.inference).
     """
     model_dir = resolve_model_dir(path)
     if not is_adapter_dir(model_dir):
-        return load_pretrained(model_dir, task=task, dtype=dtype, device=device)
+        check = memory_check(task=task, dtype=dtype, device=device, source=str(path)) if check_memory else None
+        return load_pretrained(model_dir, task=task, dtype=dtype, device=device, check=check)
     import peft
-    from safetensors import safe_open
 
     adapter_config = peft.PeftConfig.from_pretrained(str(model_dir))
     base = base_model or adapter_config.base_model_name_or_path
@@ -77,12 +80,19 @@ def load_model_for_inference(
         overrides = {k: head_config[k] for k in ("num_labels", "id2label", "problem_type", "pad_token_id")
                      if head_config.get(k) is not None}
     if task == "cls" and "num_labels" not in overrides:
-        with safe_open(str(model_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+        with open_safetensors(model_dir / ADAPTER_WEIGHTS) as f:
             head = [k for k in f.keys() if f".{HEAD_NAMES[task]}." in k and k.endswith(".weight")]
             if head:
                 overrides["num_labels"] = f.get_slice(head[0]).get_shape()[0]
     try:
-        model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None)
+        # The base is loaded and merged in fp32 on the CPU, then moved: both must fit.
+        def check(config: GPTJConfig) -> None:
+            if check_memory:
+                base_source = f"{base} (the base of {path})"
+                memory_check(task=task, dtype=torch.float32, device="cpu", source=base_source)(config)
+                memory_check(task=task, dtype=dtype, device=device, source=str(path))(config)
+
+        model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None, check=check)
     except CheckpointError as err:
         raise CheckpointError(
             f"The base model of the LoRA adapter in {model_dir} could not be loaded: {err} Pass base_model=DIR to "
@@ -92,6 +102,18 @@ def load_model_for_inference(
     adapter_config.task_type = None
     merged = peft.PeftModel.from_pretrained(model, str(model_dir), config=adapter_config).merge_and_unload()
     return merged.to(device=device, dtype=dtype).eval()
+
+
+def memory_check(*, task: str, dtype: torch.dtype | str, device: torch.device | str, source: str, shards: int = 1,
+                 ranks_on_host: int = 1) -> Callable[[GPTJConfig], None]:
+    """The check to run on a model's config before it is built: its weights must fit `device` (ConfigError)."""
+    from finetune.planning.inference import check_inference_memory
+
+    def check(config: GPTJConfig) -> None:
+        check_inference_memory(config, task=task, dtype=str(dtype), device=str(torch.device(device)), source=source,
+                               shards=shards, ranks_on_host=ranks_on_host)
+
+    return check
 
 
 # --- predicting -------------------------------------------------------------------------------------------
@@ -286,27 +308,47 @@ def check_columns(rows: datasets.Dataset, task: str, cfg: DataConfig, *, input_n
             )
 
 
-def completed_rows(output: Path) -> int:
-    """Rows already in `output`: its complete lines. A half-written last line (a crash mid-write) is cut off."""
+def _not_predictions(output: Path, why: str) -> PredictionInputError:
+    return PredictionInputError(
+        f"output={str(output)!r} {why}, so it is not the output of an earlier run of this command; it was left "
+        "untouched. Choose another output file, or delete it yourself to start over."
+    )
+
+
+def check_output(output: Path) -> tuple[int, int]:
+    """(complete prediction lines in `output`, byte length of those lines), touching nothing; a PredictionInputError
+    when it is anything but this command's output, so an unrelated file is never appended to or truncated.
+
+    Line n must be a JSON object with "index": n-1. A last line without its newline (a crash mid-write) must be the
+    start of such a line; `predict_file` cuts it off before appending."""
+    if not output.exists():
+        return 0, 0
     if not output.is_file():
-        return 0
+        raise _not_predictions(output, "is not a regular file")
     data = output.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(output, "r+b") as handle:
-            handle.truncate(end)
     lines = data[:end].splitlines()
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             record = None
         if not isinstance(record, dict) or record.get("index") != number - 1:
-            raise PredictionInputError(
-                f"output={str(output)!r} line {number} is not the prediction of input row {number}, so the file is not "
-                "an earlier run of this command; choose another output file, or delete it to start over."
-            )
-    return len(lines)
+            raise _not_predictions(output, f"line {number} is not the prediction of input row {number}")
+    tail, expected = data[end:], f'{{"index": {len(lines)}'.encode()
+    if tail and not (tail.startswith(expected) or expected.startswith(tail)):
+        raise _not_predictions(output, f"ends with {tail[:40]!r}, which is not the start of a prediction line")
+    return len(lines), end
+
+
+def completed_rows(output: Path) -> int:
+    """Rows already in `output`: its complete lines. A half-written last line (a crash mid-write) is cut off, once
+    `check_output` has found the file to be predictions."""
+    done, end = check_output(output)
+    if output.is_file() and output.stat().st_size > end:
+        with open(output, "r+b") as handle:
+            handle.truncate(end)
+    return done
 
 
 def predict_file(
@@ -317,11 +359,12 @@ def predict_file(
     batch_size: int,
     id_column: Optional[str] = None,
     progress: bool = True,
+    private: bool = False,
 ) -> tuple[int, int]:
     """Append the predictions of `rows` not yet in `output`; returns (rows skipped as done, rows predicted).
 
     Each line is `{"index": row number (0-based), "id": the row's id_column value if any, ...prediction}`,
-    flushed per batch, so an interrupted run loses at most one batch.
+    flushed per batch, so an interrupted run loses at most one batch. `private`: the file is 0600.
     """
     from tqdm.auto import tqdm
 
@@ -329,14 +372,18 @@ def predict_file(
         raise ConfigError(f"batch_size={batch_size} must be at least 1.")
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = completed_rows(output)
+    done, _ = check_output(output)
     if done > len(rows):
         raise PredictionInputError(
             f"output={str(output)!r} already has {done} rows but the input has {len(rows)}; it belongs to another "
             "input. Choose another output file, or delete it to start over."
         )
+    completed_rows(output)
     bar = tqdm(total=len(rows), initial=done, unit="row", disable=not progress, desc="predict")
-    with open(output, "a", encoding="utf-8") as handle:
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE if private else 0o666)
+    if private:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # also when the file was there already
+    with open(fd, "a", encoding="utf-8") as handle:
         for first in range(done, len(rows), batch_size):
             batch = rows.select(range(first, min(first + batch_size, len(rows)))).to_list()
             for offset, (row, prediction) in enumerate(zip(batch, predict(batch, first))):

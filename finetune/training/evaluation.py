@@ -12,6 +12,7 @@ from finetune.config import DataConfig
 from finetune.data import TaskData, model_inputs
 from finetune.data.length_grouping import example_lengths, longest_first
 from finetune.distributed import DistInfo, all_gather_objects
+from finetune.files import atomic_write_text
 from finetune.tasks import Task
 
 
@@ -46,5 +47,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 
-def write_eval_results(path: Path, results: dict[str, Any]) -> None:
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+def write_eval_results(path: Path, results: dict[str, Any], *, private: bool = False) -> None:
+    """eval_results.json, replaced atomically: a reader or a crash sees the old results or the new ones."""
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n", private=private)

@@ -53,3 +53,39 @@ def test_invalid_json_names_the_file(tmp_path):
 def test_inconsistent_shape_is_refused():
     with pytest.raises(ModelConfigError, match=r"n_embd \(100\) must be divisible by n_head \(16\)"):
         GPTJConfig(n_embd=100)
+
+
+# --- bad config.json values: one paragraph naming the file, the field and the fix ------------------------------
+TINY_JSON = {"model_type": "gptj", "vocab_size": 512, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4,
+             "rotary_dim": 8}
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("n_head", 0, r"field 'n_head' must be a positive integer, got 0"),
+    ("n_layer", "28", r"field 'n_layer' must be a positive integer, got the string '28'; write numbers without quotes"),
+    ("n_layer", -2, r"field 'n_layer' must be a positive integer, got -2"),
+    ("vocab_size", 0, r"field 'vocab_size' must be a positive integer, got 0"),
+    ("n_embd", 4.5, r"field 'n_embd' must be a positive integer, got 4.5"),
+    ("n_embd", 66, r"n_embd \(66\) must be divisible by n_head \(4\)"),
+    ("rotary_dim", 32, r"rotary_dim \(32\) must be even and at most the head dim n_embd / n_head = 16"),
+    ("num_labels", True, r"field 'num_labels' must be a positive integer, got True"),
+    ("resid_pdrop", 1.5, r"field 'resid_pdrop' must be a probability in \[0, 1\), got 1.5"),
+    ("layer_norm_epsilon", 0, r"field 'layer_norm_epsilon' must be a positive number"),
+    ("use_cache", "yes", r"field 'use_cache' must be true or false"),
+    ("problem_type", "ranking", r"field 'problem_type' must be one of regression, "),
+    ("id2label", ["a", "b"], r"field 'id2label' must map label ids to names"),
+])
+def test_bad_config_json_values_are_one_paragraph_errors(tmp_path, field, value, expected):
+    from finetune.model.hf_weights import CheckpointError, read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_JSON, field: value}))
+    with pytest.raises(CheckpointError) as err:
+        read_config(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "config.json") in message and "\n" not in message
+    assert __import__("re").search(expected, message), message
+
+
+def test_bad_model_overrides_name_the_field():
+    with pytest.raises(ModelConfigError, match="field 'n_head' must be a positive integer, got 0"):
+        GPTJConfig.preset("tiny", n_head=0)

@@ -1,6 +1,7 @@
 """HF-format checkpoints: transformers <-> here in both directions, dtypes, fresh heads, bad input, low memory."""
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -355,3 +356,97 @@ def test_mapped_weights_are_copy_on_write(tmp_path):
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == on_disk
     again = load_pretrained(tmp_path / "ckpt", task="clm", dtype=torch.float32)
     torch.testing.assert_close(logits(again, "clm", batch()), logits(reference, "clm", batch()), rtol=0, atol=0)
+
+
+# --- damaged files, local paths and the Hub, permissions ----------------------------------------------------
+def test_malformed_safetensors_header_names_the_file(tmp_path):
+    save_hf(hf_model("clm"), tmp_path, "safetensors")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes((2**40).to_bytes(8, "little") + b"{not json")  # a header length no file has
+    with pytest.raises(CheckpointError, match=rf"{weights} is not a readable safetensors file.*again"):
+        load_pretrained(tmp_path, task="clm", dtype=torch.float32)
+
+
+def test_corrupt_bin_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GPTJConfig(**TINY).to_hf_dict()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read as torch weights"):
+        load_pretrained(tmp_path, task="clm", dtype=torch.float32)
+
+
+@pytest.fixture
+def hub_forbidden(monkeypatch):
+    def snapshot_download(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args} {kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+@pytest.mark.parametrize("path", ["./models/gptj", "../gptj", "/nonexistent/models/gptj", "~/no-such-dir/gptj",
+                                  "outputs/missing-run", "final", "EleutherAI/gpt-j-6b/final"])
+def test_a_local_looking_path_is_never_sent_to_the_hub(tmp_path, monkeypatch, hub_forbidden, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # `outputs/missing-run` has an existing parent: a local path with a typo
+    with pytest.raises(CheckpointError, match=rf"model.path '{path}': no such local model dir .* working directory"):
+        resolve_model_dir(path)
+
+
+def test_a_hub_fetch_logs_its_repo_and_revision(tmp_path, monkeypatch, caplog):
+    snapshot = tmp_path / "hub" / "snapshots" / "0123abcd"
+    save_hf(hf_model("clm"), snapshot, "safetensors")
+    calls = []
+
+    def snapshot_download(repo_id, *, revision, allow_patterns, local_files_only):
+        calls.append((repo_id, revision))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="finetune.model.hf_weights"):
+        assert resolve_model_dir("some-org/some-model@v1.0") == snapshot
+    assert calls == [("some-org/some-model", "v1.0")]
+    assert "Hugging Face Hub repo some-org/some-model at revision v1.0" in caplog.text
+    assert "is commit 0123abcd" in caplog.text
+
+
+def test_save_leaves_the_umask_alone_and_offers_private_outputs(tmp_path, monkeypatch):
+    mask = os.umask(0o022)
+    os.umask(mask)
+
+    def forbidden(value):
+        raise AssertionError("os.umask is process-wide: another thread creating a file meanwhile gets it")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    ours = our_model("clm")
+    save_pretrained(ours, tmp_path / "shared", config=ours.config, task="clm")
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    save_pretrained(ours, tmp_path / "private", config=ours.config, task="clm", private=True,
+                    extra_writer=lambda d: (d / "tokenizer.json").write_text("{}"))
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "private").iterdir()} == {
+        "config.json": 0o600, "model.safetensors": 0o600, "tokenizer.json": 0o600}
+
+
+def test_an_overwrite_that_fails_at_the_swap_keeps_the_old_model(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from finetune import files
+
+    ours = our_model("clm")
+    out = tmp_path / "final"
+    save_pretrained(ours, out, config=ours.config, task="clm")
+    before = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if ".partial-" in self.name:
+            raise OSError("the file system went read-only")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="read-only"):
+        save_pretrained(our_model("clm", n_layer=1), out, config=GPTJConfig(**{**TINY, "n_layer": 1}, num_labels=3,
+                        id2label=LABELS), task="clm", overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]

@@ -106,3 +106,80 @@ def test_stage0_export_with_explicit_config(tmp_path):
 def test_unknown_dtype_fails_before_reading(tmp_path):
     with pytest.raises(ConfigError, match=r"dtype='int8'.*bf16, fp16, fp32"):
         export_checkpoint(tmp_path / "does-not-matter", tmp_path / "out", dtype="int8")
+
+
+# --- export never destroys its source; overwrite swaps ------------------------------------------------------
+def run_dir_with_stage0_checkpoint(tmp_path):
+    """A run dir as training leaves it: .hydra/ (here a stand-in), checkpoints/, and a config for export."""
+    torch.manual_seed(0)
+    model = build_model(TINY, task="cls")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    stage0_checkpoint(run, model)
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    architectures = ["GPTJForSequenceClassification"]
+    (config_dir / "config.json").write_text(json.dumps({**TINY.to_hf_dict(), "architectures": architectures}))
+    return run, config_dir
+
+
+@pytest.mark.parametrize("where", ["run dir", "inside run dir", "checkpoints dir", "parent of run dir", "symlink"])
+def test_export_into_its_own_run_dir_is_refused(tmp_path, where):
+    run, config_dir = run_dir_with_stage0_checkpoint(tmp_path)
+    (tmp_path / "link").symlink_to(run)
+    out = {"run dir": run, "inside run dir": run / "export", "checkpoints dir": run / "checkpoints",
+           "parent of run dir": tmp_path, "symlink": tmp_path / "link"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"that export reads: writing it .* would destroy the source"):
+        export_checkpoint(run / "checkpoints", out, config_path=config_dir, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    export_checkpoint(run / "checkpoints", tmp_path / "exported", config_path=config_dir)  # beside it: fine
+
+
+def test_export_overwrite_replaces_the_old_output_in_one_swap(tmp_path, monkeypatch):
+    run, config_dir = run_dir_with_stage0_checkpoint(tmp_path)
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "old-model.txt").write_text("the previous export")
+    from finetune import files
+
+    exchanged = []
+    real_exchange = files._exchange
+    monkeypatch.setattr(files, "_exchange", lambda a, b: (exchanged.append((a, b)), real_exchange(a, b))[1])
+    export_checkpoint(run / "checkpoints", out, config_path=config_dir, overwrite=True, private=True)
+    assert len(exchanged) == 1 and exchanged[0][1] == out
+    assert not (out / "old-model.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config", "exported", "run"]
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o600}
+
+
+def test_a_stage0_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    run, config_dir = run_dir_with_stage0_checkpoint(tmp_path)
+    model_file = run / "checkpoints" / "global_step1" / "mp_rank_00_model_states.pt"
+    saved = torch.load(model_file, weights_only=True)
+    torch.save({**saved, "client_state": Payload()}, model_file)
+    with pytest.raises(CheckpointError, match="holds objects other than tensors.*could run code"):
+        export_checkpoint(run / "checkpoints", tmp_path / "exported", config_path=config_dir)
+    assert not marker.exists()
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_stage0_checkpoint_with_numpy_rng_state_exports(tmp_path):
+    import random
+
+    import numpy as np
+
+    run, config_dir = run_dir_with_stage0_checkpoint(tmp_path)
+    model_file = run / "checkpoints" / "global_step1" / "mp_rank_00_model_states.pt"
+    saved = torch.load(model_file, weights_only=True)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**saved, "rng": [rng], "ds_version": "0.19", "global_steps": 1}, model_file)  # as the checkpointer does
+    export_checkpoint(run / "checkpoints", tmp_path / "exported", config_path=config_dir)
+    assert (tmp_path / "exported" / "model.safetensors").is_file()

@@ -186,3 +186,33 @@ def test_a_malformed_input_line_is_named(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(PredictionInputError, match=r"rows.jsonl.*line 2"):
         read_input(tmp_path / "rows.jsonl", task="cls", cfg=DataConfig())
+
+
+@pytest.mark.parametrize("content", [b"my notes, no newline at the end", b"\x89PNG\r\n\x1a\n binary", b"{}\n"])
+def test_an_unrelated_output_file_is_never_truncated(tmp_path, content):
+    output = tmp_path / "notes.txt"
+    output.write_bytes(content)
+    with pytest.raises(PredictionInputError, match="not the output of an earlier run.*left untouched"):
+        predict_file(rows_of(3), output, fake_predict, batch_size=2, progress=False)
+    assert output.read_bytes() == content
+
+
+def test_private_predictions_are_owner_only(tmp_path):
+    output = tmp_path / "preds.jsonl"
+    predict_file(rows_of(3), output, fake_predict, batch_size=2, progress=False, private=True)
+    assert output.stat().st_mode & 0o777 == 0o600 and len(read_jsonl(output)) == 3
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_it_is_built(tmp_path):
+    from finetune.config import ConfigError
+
+    config = GPTJConfig.preset("tiny", vocab_size=512, pad_token_id=50256)
+    torch.manual_seed(0)
+    save_pretrained(build_model(config, task="clm"), tmp_path / "model", config=config, task="clm")
+    raw = json.loads((tmp_path / "model" / "config.json").read_text())
+    raw.pop("id2label"), raw.pop("label2id")
+    # A cls head of 10^12 labels x 64: 256 TB in fp32, beyond any machine (building it would fail or swap forever).
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**raw, "num_labels": 10**12}))
+    with pytest.raises(ConfigError, match=r"cannot fit: its weights alone need .* GiB in fp32.*"
+                                          r"num_labels=1,000,000,000,000.*check_memory=false"):
+        load_model_for_inference(tmp_path / "model", task="cls", dtype=torch.float32)
