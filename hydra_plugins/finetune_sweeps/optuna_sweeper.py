@@ -48,7 +48,7 @@ class OptunaSweeper(Sweeper):
             raise ValueError(f"hydra.sweeper.n_trials={n_trials} and hydra.sweeper.n_jobs={n_jobs} must both be at "
                              "least 1.")
         self.n_trials, self.n_jobs, self.seed = n_trials, n_jobs, seed
-        self.sampler_cfg = sampler
+        self.sampler = sampler  # instantiated by Hydra from the config (seeded there), or None
         self.study_name = study_name
         self.params = params
         self.config: Optional[DictConfig] = None
@@ -94,7 +94,8 @@ class OptunaSweeper(Sweeper):
             sweep_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=self.study_name, sampler=self._sampler(optuna),
+        sampler = self.sampler if self.sampler is not None else optuna.samplers.TPESampler(seed=self.seed)
+        study = optuna.create_study(study_name=self.study_name, sampler=sampler,
                                     direction="maximize" if direction == "maximize" else "minimize")
         record = SweepRecord(sweep_dir, objective=objective, direction=direction, seed=self.seed,
                              space={name: describe(dist) for name, dist in space.items()}, write=is_main)
@@ -111,17 +112,21 @@ class OptunaSweeper(Sweeper):
                 record.start(trial.number, job=first + offset, params=trial.params, overrides=overrides,
                              run_dir=run_dirs[offset])
             results = self.launcher.launch(batch, initial_job_idx=first)
+            exhausted = False
             for trial, run_dir, result in zip(trials, run_dirs, results):
                 value, reason = outcome(result, objective)
                 if reason is None:
-                    study.tell(trial, value)
+                    exhausted |= tell(study, trial, values=value)
                     log.info("Trial %d: %s=%.6g (%s)", trial.number, objective, value, run_dir)
                 else:
                     trial.set_user_attr("failure", reason)
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    exhausted |= tell(study, trial, state=optuna.trial.TrialState.FAIL)
                     log.warning("Trial %d failed (%s): %s", trial.number, run_dir, reason)
                 record.finish(trial.number, value=value, reason=reason)
             returns.extend(results)
+            if exhausted:
+                log.info("The sampler has tried its whole search space after %d trials", len(returns))
+                break
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if completed:
             log.info("Best trial %d: %s=%.6g with %s", study.best_trial.number, objective, study.best_value,
@@ -136,13 +141,6 @@ class OptunaSweeper(Sweeper):
             return []
         return [f"{key}={value}" for key, value in self.params.items()]
 
-    def _sampler(self, optuna: Any) -> Any:
-        from hydra.utils import instantiate
-
-        if self.sampler_cfg is None:
-            return optuna.samplers.TPESampler(seed=self.seed)
-        return instantiate(self.sampler_cfg, seed=self.seed)
-
     def _run_dir(self, overrides: Sequence[str], job_num: int) -> str:
         """The trial's run dir (hydra.sweep.subdir), relative to the sweep dir, composed as the launcher will: known
         before the job starts, and also for a job whose result is lost with it."""
@@ -151,6 +149,18 @@ class OptunaSweeper(Sweeper):
         with open_dict(cfg.hydra.job):
             cfg.hydra.job.num = job_num
         return str(cfg.hydra.sweep.subdir)
+
+
+def tell(study: Any, trial: Any, **outcome: Any) -> bool:
+    """study.tell; True when the sampler has exhausted its space (Grid/BruteForceSampler call `study.stop()`, which
+    outside `study.optimize` raises after the trial is stored)."""
+    try:
+        study.tell(trial, **outcome)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
+        return True
+    return False
 
 
 def search_space(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -166,7 +176,8 @@ def search_space(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def distribution(override: Override) -> Any:
     """One sweep override as an Optuna distribution: choice -> categorical, range -> stepped int/float,
-    interval -> uniform float (int when both ends are ints), tag(log, interval(...)) -> log-uniform."""
+    interval -> uniform float (Hydra reads its ends as floats; tag(int, interval(...)) searches integers),
+    tag(log, interval(...)) -> log-uniform."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     value = override.value()
@@ -183,11 +194,11 @@ def distribution(override: Override) -> Any:
         log_scale = "log" in value.tags
         if log_scale and value.start <= 0:
             raise ValueError(f"{override.input_line}: a log interval needs a positive start.")
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log_scale)
+        if "int" in value.tags:
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise ValueError(f"{override.input_line}: {key} sweeps in a way Optuna cannot search; use choice(...), "
-                     "range(...), interval(...) or tag(log,interval(...)).")
+                     "range(...), interval(...), tag(log,interval(...)) or tag(int,interval(...)).")
 
 
 def describe(dist: Any) -> dict[str, Any]:
