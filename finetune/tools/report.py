@@ -129,6 +129,7 @@ def plot_params(summary: "SweepSummary") -> "Figure":
             choices = [str(c) for c in spec.get("choices", [])] or sorted({str(x) for x in xs})
             positions = [choices.index(str(x)) if str(x) in choices else len(choices) for x in xs]
             ax.set_xticks(range(len(choices)), choices, fontsize=7)
+            ax.set_xlim(-0.5, max(len(choices), max(positions, default=0) + 1) - 0.5)
             ax.plot(positions, ys, "o", color="tab:blue")
         else:
             ax.plot(xs, ys, "o", color="tab:blue")

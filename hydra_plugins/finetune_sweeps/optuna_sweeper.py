@@ -212,7 +212,12 @@ def describe(dist: Any) -> dict[str, Any]:
 
 
 def format_value(value: Any) -> str:
-    """A sampled value as an override value: repr keeps every digit of a float, so the trial's command reruns it."""
+    """A sampled value as an override value: repr keeps every digit of a float, so the trial's command reruns it;
+    None and booleans in Hydra's spelling (`None` would arrive as a string)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
 
 

@@ -15,7 +15,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.finetune_sweeps.optuna_sweeper import search_space
+from hydra_plugins.finetune_sweeps.optuna_sweeper import format_value, search_space
 from hydra_plugins.finetune_sweeps.slurm_launcher import JobLost, last_error_line, wait_for_results
 
 REPO = Path(__file__).resolve().parents[3]
@@ -33,6 +33,11 @@ def test_search_space_from_sweep_overrides():
     assert space["optim.weight_decay"] == FloatDistribution(0.0, 0.1)
     assert space["trainer.grad_accum_steps"] == IntDistribution(1, 4)  # range() stops before 5
     assert space["lora.alpha"] == IntDistribution(8, 64)
+
+
+def test_sampled_values_become_overrides_hydra_reads_back():
+    assert [format_value(v) for v in (0.1 + 0.2, 16, None, True, "lora")] == [
+        "0.30000000000000004", "16", "null", "true", "lora"]  # every digit of a float: the same value again
 
 
 TOY_APP = '''
