@@ -36,9 +36,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-log = logging.getLogger(__name__)
+from finetune.tools.sweep import TRIALS_FILE, objective_of  # light: no torch until a task must be looked up
 
-TRIALS_FILE = "trials.json"
+log = logging.getLogger(__name__)
 
 
 class OptunaSweeper(Sweeper):
@@ -73,7 +73,6 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         from finetune.distributed import env_rank
-        from finetune.tools.sweep import objective_of
 
         assert self.config is not None and self.hydra_context is not None
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,6 +10,10 @@ still stops, after the whole batch). conf/hydra/launcher/submitit_slurm.yaml sel
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import subprocess
+import time
 from typing import Any, Optional, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -26,21 +30,55 @@ class JobLost(RuntimeError):
     """A SLURM job of a sweep ended without a result; the message says which and why."""
 
 
-def wait_for_results(jobs: Sequence[Any], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+# SLURM states of a job that will not run again (a requeued job is PENDING or REQUEUED, then RUNNING).
+ENDED_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "TIMEOUT"}
+
+
+def wait_for_results(jobs: Sequence[Any], job_overrides: Sequence[Sequence[str]],
+                     poll_s: float = 10.0) -> list[JobReturn]:
     """Rank 0's JobReturn of every submitit job, waiting for all of them; a job without one becomes FAILED."""
     returns = []
     for job, overrides in zip(jobs, job_overrides):
+        state = wait_for_job(job, poll_s=poll_s)
         try:
             returns.append(job.results()[0])
         except Exception as error:  # noqa: BLE001 -- submitit's UncompletedJobError / FailedJobError, or unpickling
-            reason = lost_job_reason(job, error)
+            reason = lost_job_reason(job, error, state=state)
             log.warning("%s", reason)
             returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=JobLost(reason)))
     return returns
 
 
-def lost_job_reason(job: Any, error: BaseException) -> str:
-    state = _safe(lambda: job.state) or "UNKNOWN"
+def wait_for_job(job: Any, *, poll_s: float) -> Optional[str]:
+    """Until the job has a result or has ended; returns its SLURM state when scontrol told it.
+
+    submitit's own wait asks `sacct`, which needs SLURM's accounting database: where there is none (small clusters,
+    the local test cluster) it never learns that a job died without a result, and would wait forever. `scontrol`
+    knows every job the controller has, and finished ones for MinJobAge (5 minutes by default)."""
+    while not job.done():
+        state = slurm_state(job.job_id) if type(job).__name__ == "SlurmJob" else None
+        if state in ENDED_STATES:
+            return state
+        time.sleep(poll_s)
+    return None
+
+
+def slurm_state(job_id: str) -> Optional[str]:
+    """The job's state as scontrol shows it; None where scontrol is missing or does not know the job."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                               timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bJobState=(\w+)", shown.stdout)
+    return match.group(1) if match else None
+
+
+def lost_job_reason(job: Any, error: BaseException, *, state: Optional[str] = None) -> str:
+    state = state or _safe(lambda: job.state) or "UNKNOWN"
     text = _safe(job.stderr) or str(error)
     return f"SLURM job {job.job_id} ended ({state}) without a result: {last_error_line(text)}"
 

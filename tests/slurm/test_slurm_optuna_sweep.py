@@ -27,19 +27,20 @@ def test_optuna_sweep_on_slurm_records_a_killed_job_and_goes_on(slurm_cluster: L
     command = [
         sys.executable, "launch/train.py", "-m", "hydra/launcher=submitit_slurm", "hydra/sweeper=optuna",
         f"hydra.sweep.dir={sweep_dir}", *CPU_LAUNCHER, *TINY_TRAINING,
-        "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
+        "trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
         "data.max_eval_samples=16", "optim.lr=tag(log,interval(1e-4,1e-2))",
         "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
     ]
     sweep = subprocess.Popen(command, cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    # Kill the first batch's second job once it trains (its metrics.jsonl has a line).
+    # Kill the first batch's second job once its ranks run (Hydra made its run dir; loading, training and the export
+    # take far longer than the poll).
     cancelled = None
     deadline = time.monotonic() + 400
     while cancelled is None and time.monotonic() < deadline and sweep.poll() is None:
         tasks = running_array_tasks(slurm_cluster)
         second = next((job for job, state in tasks.items() if job.endswith("_1") and state == "RUNNING"), None)
-        if second is not None and (sweep_dir / "1" / "metrics.jsonl").is_file():
+        if second is not None and (sweep_dir / "1" / ".hydra" / "config.yaml").is_file():
             slurm_cluster.run("scancel", "--signal=KILL", second)
             cancelled = second
         time.sleep(1)
