@@ -41,13 +41,30 @@ def wait_for_results(jobs: Sequence[Any], job_overrides: Sequence[Sequence[str]]
     returns = []
     for job, overrides in zip(jobs, job_overrides):
         state = wait_for_job(job, poll_s=poll_s)
-        try:
-            returns.append(job.results()[0])
-        except Exception as error:  # noqa: BLE001 -- submitit's UncompletedJobError / FailedJobError, or unpickling
-            reason = lost_job_reason(job, error, state=state)
-            log.warning("%s", reason)
-            returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=JobLost(reason)))
+        error: Optional[BaseException] = None
+        if state is None or has_result(job, grace_s=RESULT_GRACE_S):
+            try:  # job.results() waits on submitit's own (sacct) view: only for a job known to be done
+                returns.append(job.results()[0])
+                continue
+            except Exception as raised:  # noqa: BLE001 -- UncompletedJobError / FailedJobError, or unpickling
+                error = raised
+        reason = lost_job_reason(job, error, state=state)
+        log.warning("%s", reason)
+        returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=JobLost(reason)))
     return returns
+
+
+RESULT_GRACE_S = 30.0  # a shared file system may show the result file after the job has ended
+
+
+def has_result(job: Any, *, grace_s: float) -> bool:
+    """Whether the ended job's result files appear within `grace_s` (job.done() is True once they exist)."""
+    deadline = time.monotonic() + grace_s
+    while not job.done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def wait_for_job(job: Any, *, poll_s: float) -> Optional[str]:
@@ -77,9 +94,9 @@ def slurm_state(job_id: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def lost_job_reason(job: Any, error: BaseException, *, state: Optional[str] = None) -> str:
+def lost_job_reason(job: Any, error: Optional[BaseException], *, state: Optional[str] = None) -> str:
     state = state or _safe(lambda: job.state) or "UNKNOWN"
-    text = _safe(job.stderr) or str(error)
+    text = _safe(job.stderr) or _safe(job.stdout) or str(error or "")
     return f"SLURM job {job.job_id} ended ({state}) without a result: {last_error_line(text)}"
 
 
