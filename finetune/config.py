@@ -262,6 +262,27 @@ class LoggerConfig:
     group: Optional[str] = None
 
 
+SWEEP_DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep optimises (conf/train.yaml `sweep`): launch/train.py returns it, the Optuna sweeper and the
+    sweep summary read it."""
+
+    objective: Optional[str] = None  # an eval metric; None: the task's (qa f1, cls accuracy, clm perplexity)
+    direction: Optional[str] = None  # maximize | minimize; None: the metric's own (loss, perplexity, mse: minimize)
+
+
+def parse_sweep_config(cfg: Any) -> SweepConfig:
+    sweep = to_typed(SweepConfig, cfg.get("sweep") if cfg is not None else None, section="sweep")
+    _require(sweep.direction is None or sweep.direction in SWEEP_DIRECTIONS, "sweep.direction", sweep.direction,
+             f"use one of {', '.join(SWEEP_DIRECTIONS)}, or null for the metric's own direction.")
+    _require(sweep.objective is None or bool(sweep.objective.strip()), "sweep.objective", sweep.objective,
+             "name an eval metric (sweep.objective=f1), or null for the task's.")
+    return sweep
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs, typed and cross-checked."""

@@ -27,6 +27,8 @@ class Task(Protocol):
     # The metric shown in the progress bar and summary; `higher_is_better` says which way is good.
     main_metric: str
     higher_is_better: bool
+    # What a sweep optimises unless sweep.objective says otherwise (finetune.tools.sweep.objective_of).
+    objective_metric: str
 
     def load_data(self, cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData: ...
 
@@ -66,6 +68,7 @@ class _BaseTask:
 
 class CausalLMTask(_BaseTask):
     name, main_metric, higher_is_better = "clm", "perplexity", False
+    objective_metric = "perplexity"
 
     def num_loss_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Token t predicts token t+1: the targets are the shifted labels that are not -100 (prompt, padding).
@@ -95,6 +98,7 @@ class CausalLMTask(_BaseTask):
 
 class ClassificationTask(_BaseTask):
     name, main_metric, higher_is_better = "cls", "accuracy", True
+    objective_metric = "accuracy"
 
     def model_overrides(self, data: TaskData, tokenizer: GPTJTokenizer) -> dict[str, Any]:
         overrides = super().model_overrides(data, tokenizer)
@@ -122,6 +126,7 @@ class ClassificationTask(_BaseTask):
 
 class QuestionAnsweringTask(_BaseTask):
     name, main_metric, higher_is_better = "qa", "exact_match", True
+    objective_metric = "f1"  # smoother than exact match: a search sees small improvements
 
     def eval_records(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[Any]:
         loss = float(outputs.loss) if outputs.loss is not None else float("nan")

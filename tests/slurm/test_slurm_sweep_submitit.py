@@ -26,7 +26,7 @@ def test_submitit_sweep_runs_one_job_per_point_and_writes_the_summary(slurm_clus
     assert result.returncode == 0, f"{result.stderr[-3000:]}\njob logs:\n{logs}"
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["metric"] == "exact_match" and summary["higher_is_better"] is True
+    assert summary["metric"] == "f1" and summary["higher_is_better"] is True  # qa's objective
     points = summary["points"]
     assert sorted(p["path"] for p in points) == ["0", "1"]
     for point in points:
@@ -37,9 +37,9 @@ def test_submitit_sweep_runs_one_job_per_point_and_writes_the_summary(slurm_clus
         assert len(list(point_dir.glob("checkpoints/*/zero_pp_rank_1_*optim_states.pt"))) == 1
     assert sorted(float(o.split("=")[1]) for p in points for o in p["overrides"] if o.startswith("optim.lr=")) == [
         1e-3, 3e-2]
-    scores = [p["results"]["exact_match"] for p in points]
+    scores = [p["results"]["f1"] for p in points]
     assert scores == sorted(scores, reverse=True)
     # Two different jobs ran the points.
     assert len(list(sweep_dir.glob(".submitit/*_0/"))) + len(list(sweep_dir.glob(".submitit/*_1/"))) == 2
     table = (sweep_dir / "summary.md").read_text()
-    assert "optim.lr" in table and "exact_match" in table
+    assert "optim.lr" in table and "f1" in table

@@ -36,6 +36,7 @@ SCHEMAS = {
     "task": typed.TaskConfig, "model": typed.ModelConfig, "data": typed.DataConfig, "trainer": typed.TrainerConfig,
     "optim": typed.OptimConfig, "scheduler": typed.SchedulerConfig, "deepspeed": typed.DeepSpeedSection,
     "lora": typed.LoraConfig, "logger": typed.LoggerConfig, "generation": typed.GenerationConfig,
+    "sweep": typed.SweepConfig,
 }  # fmt: skip
 # Top-level names of the repository: a path starting with one of them must exist (others are the user's).
 TRACKED_ROOTS = {p.name for p in REPO.iterdir() if p.name not in (".git", ".venv", "outputs", "multirun", "logs")}
@@ -95,9 +96,16 @@ def config_commands() -> list[Command]:
 
 
 def first_point_of_sweeps(overrides: list[str]) -> list[str]:
-    """`optim.lr=1e-5,3e-5` (a multirun) -> `optim.lr=1e-05`: one point of the sweep is composed."""
+    """`optim.lr=1e-5,3e-5` (a multirun) -> `optim.lr=1e-05`: one point of the sweep is composed; an interval
+    (Optuna's search space) by its low end, `tag(int, ...)` as an int."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else text
+
+    def first(o: Any) -> str:
+        if o.is_interval_sweep():
+            return str(int(o.value().start) if "int" in o.value().tags else o.value().start)
+        return next(iter(o.sweep_string_iterator()))
+
+    return [f"{o.get_key_element()}={first(o)}" if o.is_sweep_override() else text
             for o, text in zip(parsed, overrides)]  # fmt: skip
 
 
