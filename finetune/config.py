@@ -199,6 +199,9 @@ class TrainerConfig:
     # for cls/qa), the same for any split into ranks, micro batches and accumulation. micro_batch: the mean of each
     # micro batch's own mean (layout-dependent; what DeepSpeed does by itself), to reproduce older runs.
     loss_normalization: str = "global_batch"
+    # A run dir must be the user's and writable by the user alone: a relaunch loads what it finds there. true: go
+    # on with a warning when it is not (docs/security.md).
+    allow_shared_run_dir: bool = False
 
 
 @dataclass

@@ -70,7 +70,7 @@ def train(
                       total_steps=total_steps, checkpointer=checkpointer, start=start, log=log, progress=progress,
                       mfu_of=mfu_of, stop_requested=stop_requested)
     except RuntimeError as err:
-        if not _collective_failure(err, info):
+        if not collective_failure(err, info):
             raise
         raise RankFailureError(
             f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). Another rank "
@@ -85,7 +85,8 @@ def train(
 _COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
 
 
-def _collective_failure(err: RuntimeError, info: DistInfo) -> bool:
+def collective_failure(err: RuntimeError, info: DistInfo) -> bool:
+    """Whether `err` is a collective that failed because a peer died or hung."""
     return info.world_size > 1 and (isinstance(err, torch.distributed.DistError)
                                     or bool(_COLLECTIVE_FAILURE.search(str(err))))
 
