@@ -40,19 +40,21 @@ def launch_stamp() -> str:
     """A name every rank of one launch computes alike without communicating, for the default run dir.
 
     SLURM: the job (and step) id. Under a launcher (deepspeed, torchrun) all local ranks are children of one
-    launcher process, so its start time is shared. Otherwise (plain python) the current time.
+    launcher process, so its start time and pid are shared. Otherwise (plain python) the current time and this
+    process's pid. Milliseconds and the pid keep two launches started in the same second apart (the run dir's
+    lock refuses the rare clash that remains).
     """
     if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
-    started = time.time()
+    started, pid = time.time(), os.getpid()
     if "LOCAL_RANK" in os.environ:
         try:
             import psutil
 
-            started = psutil.Process(os.getppid()).create_time()
+            started, pid = psutil.Process(os.getppid()).create_time(), os.getppid()
         except Exception:  # noqa: BLE001 -- no parent info: the ranks broadcast rank 0's dir anyway
             pass
-    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(started))}.{int(started * 1000) % 1000:03d}-{pid}"
 
 
 def _fill_env_from_slurm_or_single() -> None:

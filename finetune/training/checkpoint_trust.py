@@ -38,9 +38,11 @@ def trusted_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 moved it; pickles name either, by version
+    reconstruct = numpy_core.multiarray._reconstruct
     allowed: list[Any] = [
         # client_state["rng"]: numpy's RNG state is a tuple holding an ndarray of uint32
-        (np.core.multiarray._reconstruct if hasattr(np, "core") else np._core.multiarray._reconstruct),
+        reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
         np.ndarray, np.dtype, type(np.dtype(np.uint32)),
         # ZeRO optimizer states: the stage, the fp16 loss scaler, the slice of each parameter a rank holds
         ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,

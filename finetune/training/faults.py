@@ -12,6 +12,8 @@ comma-separated, each `<point>[@<step>[+]][:rank<r>]`:
 
     raise_in_save@4:rank1   rank 1 raises a RuntimeError as it starts saving the step-4 checkpoint (before its
                             shards are written), while the other ranks go on into the save
+    wait_in_step@3          every rank waits at the start of step 3 until the file FINETUNE_FAULT_RELEASE names
+                            exists (at most 10 minutes): a run held in the middle while a test does something beside it
 
 No step: every step; no rank: every rank. Unset (always, outside tests), a check is one dict lookup.
 
@@ -32,7 +34,9 @@ from typing import Optional
 
 ENV = "FINETUNE_FAULT"
 SWITCH = "FINETUNE_FAULT_INJECTION"  # must be "1" for ENV to count
-POINTS = ("kill_in_step", "kill_in_save", "nan_loss", "raise_in_save")
+RELEASE_ENV = "FINETUNE_FAULT_RELEASE"
+POINTS = ("kill_in_step", "kill_in_save", "nan_loss", "raise_in_save", "wait_in_step")
+WAIT_LIMIT_S = 600
 _SPEC = re.compile(r"^(?P<point>\w+?)(?:@(?P<step>\d+)(?P<onward>\+)?)?(?::rank(?P<rank>\d+))?$")
 
 
@@ -100,3 +104,14 @@ def kill_if_active(point: str, *, step: int, rank: int) -> None:
         # The test measures how long the job takes to go down from this moment.
         print(f"{ENV}: {point} killing rank {rank} at step {step}, t={time.time():.3f}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_if_active(point: str, *, step: int, rank: int) -> None:
+    """Sleep until the file FINETUNE_FAULT_RELEASE names exists (or WAIT_LIMIT_S passed) when `point` is asked for."""
+    if not active(point, step=step, rank=rank):
+        return
+    release = os.environ.get(RELEASE_ENV, "")
+    print(f"{ENV}: {point} waiting on rank {rank} at step {step} for {release}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while release and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.2)

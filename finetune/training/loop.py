@@ -112,6 +112,7 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     engine.train()
     while engine.global_steps < stop_at:
         step = engine.global_steps + 1
+        faults.wait_if_active("wait_in_step", step=step, rank=info.rank)
         meter.start()
         position, micro_batches = next(steps)
         if global_mean:  # counted before any backward pass: every micro batch's loss is scaled by the global count

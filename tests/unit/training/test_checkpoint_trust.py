@@ -4,7 +4,6 @@ DeepSpeed and this project write loads, a file that would run code is refused an
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 from pathlib import Path
@@ -59,7 +58,8 @@ def test_what_deepspeed_writes_loads_with_the_restricted_unpickler(tmp_path):
 
 
 def test_the_allowlist_is_exactly_deepspeeds_own_types():
-    names = sorted(f"{getattr(g, '__module__', '')}.{g.__name__}" for g in checkpoint_trust.trusted_globals())
+    names = sorted(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}"
+                   for g in checkpoint_trust.trusted_globals())
     assert all(name.startswith(("deepspeed.", "numpy.")) for name in names), names
     assert not any(name.split(".")[-1] in {"system", "eval", "exec", "open", "getattr", "Popen"} for name in names)
 
@@ -71,8 +71,8 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert problem is not None and "io.open" in problem and not ran.exists()
     (tmp_path / "old_format.pt").write_bytes(pickle.dumps(WritesAFile(ran)))  # a bare pickle, no zip container
     assert file_problem(tmp_path / "old_format.pt") is not None and not ran.exists()
-    (tmp_path / "noise.pt").write_bytes(os.urandom(64))
-    assert "not a readable torch file" in file_problem(tmp_path / "noise.pt") or file_problem(tmp_path / "noise.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "mp_rank_00_model_states.pt").read_bytes()[:200])
+    assert file_problem(tmp_path / "truncated.pt") is not None  # not a torch file: refused, never loaded
 
 
 def test_a_tampered_checkpoint_with_a_matching_completion_record_is_refused_before_any_unpickling(tmp_path, capsys):
