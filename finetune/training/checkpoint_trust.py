@@ -16,6 +16,7 @@ a checkpoint file yourself.
 """
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 from pathlib import Path
@@ -30,7 +31,8 @@ class UntrustedCheckpointError(ConfigError):
     """A checkpoint file would need more than tensors and DeepSpeed's own types to load: refused, nothing run."""
 
 
-def trusted_globals() -> list[Any]:
+@functools.lru_cache(maxsize=1)
+def trusted_globals() -> tuple[Any, ...]:
     """The classes and functions beyond torch's weights_only defaults that DeepSpeed's and this project's
     checkpoints hold (imported lazily: DeepSpeed is slow to import)."""
     import numpy as np
@@ -47,14 +49,14 @@ def trusted_globals() -> list[Any]:
         # ZeRO optimizer states: the stage, the fp16 loss scaler, the slice of each parameter a rank holds
         ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
     ]
-    return allowed
+    return tuple(allowed)
 
 
 def load_restricted(path: Path, **kwargs: Any) -> Any:
     """torch.load of a checkpoint file with the restricted unpickler (weights_only=True + TRUSTED globals)."""
     import torch
 
-    with torch.serialization.safe_globals(trusted_globals()):
+    with torch.serialization.safe_globals(list(trusted_globals())):
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
 
 

@@ -52,10 +52,15 @@ def shared_run_dir(launch, start_launch, tmp_path_factory):
     finally:
         release.touch()
     first_run = first.wait(timeout=300)
+    checkpoints = run_dir / "checkpoints"
+    after_first = {"losses": first_run.train_losses(), "metrics": first_run.metrics,
+                   "latest": (checkpoints / "latest").read_text(),
+                   "checkpoints": sorted(p.name for p in checkpoints.iterdir() if p.is_dir()),
+                   "final": (run_dir / "final" / "config.json").is_file()}
     started = time.monotonic()
     raised = launch(run_dir, *ARGS, "trainer.max_steps=10", f"trainer.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
                     env=fault("raise_in_save@8:rank1"), check=False)
-    return {"first": first_run, "holder": holder, "second": second, "metrics_while_held": metrics_while_held,
+    return {"first": first_run, "after_first": after_first, "holder": holder, "second": second, "metrics_while_held": metrics_while_held,
             "raised": raised, "raised_seconds": time.monotonic() - started}
 
 
@@ -66,15 +71,13 @@ def test_a_second_launch_into_a_run_dir_in_use_is_refused_and_the_first_complete
     refusals = re.findall(r"error: The run dir \S+ is in use by another launch: pid (\d+) on (\S+),", second.output)
     assert refusals == [(str(holder["pid"]), holder["host"])]  # once, naming the holder
     assert "Training qa" not in second.output and "Resuming" not in second.output
-    first = shared_run_dir["first"]
+    first, after = shared_run_dir["first"], shared_run_dir["after_first"]
     assert first.returncode == 0, first.output[-3000:]
-    assert sorted(first.train_losses()) == [1, 2, 3, 4, 5, 6]
-    assert first.metrics[: len(shared_run_dir["metrics_while_held"].splitlines())] == [
-        json.loads(line) for line in shared_run_dir["metrics_while_held"].splitlines()]  # never truncated
-    checkpoints = first.run_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "global_step6"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["global_step4", "global_step6"]
-    assert (first.run_dir / "final" / "config.json").is_file()
+    assert sorted(after["losses"]) == [1, 2, 3, 4, 5, 6]
+    held = [json.loads(line) for line in shared_run_dir["metrics_while_held"].splitlines()]
+    assert held and after["metrics"][: len(held)] == held  # never truncated
+    assert after["latest"] == "global_step6" and after["checkpoints"] == ["global_step4", "global_step6"]
+    assert after["final"]
 
 
 @pytest.mark.slow
