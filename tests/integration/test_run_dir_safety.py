@@ -2,8 +2,10 @@
 
 1. A launch is held in its step 3 (test fault wait_in_step) while a second launch into the same run dir starts:
    the second is refused, naming the first, before touching anything; released, the first completes intact.
-2. A relaunch of that run dir where rank 1 raises as the step-8 save starts: rank 1 leaves without meeting the
-   others at a barrier, rank 0 stops at once saying what rank 1 said, nothing of step 8 is committed.
+2. A byte flipped in a shard of its newest checkpoint (step 6), then a relaunch where rank 1 raises as the step-8
+   save starts: the relaunch passes over the damaged checkpoint for step 4 and saves step 6 anew; at step 8 rank 1
+   leaves without meeting the others at a barrier, rank 0 stops at once saying what rank 1 said, nothing of
+   step 8 is committed.
 3. (in CI) A run dir whose `latest` names something that is not one of its checkpoints: every rank stops with the
    same one-paragraph error, printed once, long before the collective timeout.
 """
@@ -14,6 +16,8 @@ import re
 import time
 
 import pytest
+
+from finetune.training import commit
 
 pytestmark = [pytest.mark.integration]
 
@@ -57,6 +61,11 @@ def shared_run_dir(launch, start_launch, tmp_path_factory):
                    "latest": (checkpoints / "latest").read_text(),
                    "checkpoints": sorted(p.name for p in checkpoints.iterdir() if p.is_dir()),
                    "final": (run_dir / "final" / "config.json").is_file()}
+    # a bit flip in a shard of the newest checkpoint, of the kind a crash or a bad disk leaves: same size
+    shard = checkpoints / "global_step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
     started = time.monotonic()
     raised = launch(run_dir, *ARGS, "trainer.max_steps=10", f"trainer.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
                     env=fault("raise_in_save@8:rank1"), check=False)
@@ -81,10 +90,21 @@ def test_a_second_launch_into_a_run_dir_in_use_is_refused_and_the_first_complete
 
 
 @pytest.mark.slow
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_and_is_saved_anew(shared_run_dir):
+    run, first = shared_run_dir["raised"], shared_run_dir["after_first"]["losses"]
+    assert re.search(r"passing over \S+global_step6: zero_pp_rank_1_mp_rank_00_optim_states.pt differ\(s\) from the "
+                     r"checksums in its complete.json", run.output), run.output[-4000:]
+    assert "Resuming at step 4: qa" in run.output
+    losses = run.train_losses()
+    assert (losses[5], losses[6]) == (first[5], first[6])  # the same steps again, to the bit (CPU, fp32)
+    step6 = run.run_dir / "checkpoints" / "global_step6"
+    assert (step6 / "complete.json").is_file() and commit.checksum_mismatches(step6) == []  # saved anew
+
+
+@pytest.mark.slow
 def test_a_rank_that_raises_makes_every_rank_stop_at_once_with_its_reason_and_commits_nothing(shared_run_dir):
     run = shared_run_dir["raised"]
     assert "Run dir lock: taken over from the launch before" in run.output
-    assert "Resuming at step 6: qa" in run.output
     assert "raise_in_save raising on rank 1 at step 8" in run.output
     assert run.returncode != 0
     # rank 0 did not wait for the collective timeout, and says why it stopped: rank 1's own error
