@@ -69,7 +69,8 @@ def shared_run_dir(launch, start_launch, tmp_path_factory):
     started = time.monotonic()
     raised = launch(run_dir, *ARGS, "trainer.max_steps=10", f"trainer.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
                     env=fault("raise_in_save@8:rank1"), check=False)
-    return {"first": first_run, "after_first": after_first, "holder": holder, "second": second, "metrics_while_held": metrics_while_held,
+    return {"first": first_run, "after_first": after_first, "holder": holder, "second": second,
+            "metrics_while_held": metrics_while_held,
             "raised": raised, "raised_seconds": time.monotonic() - started}
 
 
@@ -110,7 +111,8 @@ def test_a_rank_that_raises_makes_every_rank_stop_at_once_with_its_reason_and_co
     # rank 0 did not wait for the collective timeout, and says why it stopped: rank 1's own error
     assert shared_run_dir["raised_seconds"] < COLLECTIVE_TIMEOUT_S
     assert re.search(r"error: Rank 0: a collective operation failed .* The ranks that failed said: rank 1: "
-                     r"InjectedFault: FINETUNE_FAULT: raise_in_save at step 8 on rank 1", run.output), run.output[-4000:]
+                     r"InjectedFault: FINETUNE_FAULT: raise_in_save at step 8 on rank 1", run.output), (
+        run.output[-4000:])
     checkpoints = run.run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "global_step6"
     assert not (checkpoints / "global_step8" / "complete.json").exists()
