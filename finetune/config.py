@@ -201,6 +201,9 @@ class TrainerConfig:
     loss_normalization: str = "global_batch"
     # Shared nodes: final/ and eval_results.json readable by their owner only (files 0600, directories 0700).
     private_outputs: bool = False
+    # A run dir must be the user's and writable by the user alone: a relaunch loads what it finds there. true: go
+    # on with a warning when it is not (docs/security.md).
+    allow_shared_run_dir: bool = False
 
 
 @dataclass

@@ -40,19 +40,21 @@ def launch_stamp() -> str:
     """A name every rank of one launch computes alike without communicating, for the default run dir.
 
     SLURM: the job (and step) id. Under a launcher (deepspeed, torchrun) all local ranks are children of one
-    launcher process, so its start time is shared. Otherwise (plain python) the current time.
+    launcher process, so its start time and pid are shared. Otherwise (plain python) the current time and this
+    process's pid. Milliseconds and the pid keep two launches started in the same second apart (the run dir's
+    lock refuses the rare clash that remains).
     """
     if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
-    started = time.time()
+    started, pid = time.time(), os.getpid()
     if "LOCAL_RANK" in os.environ:
         try:
             import psutil
 
-            started = psutil.Process(os.getppid()).create_time()
+            started, pid = psutil.Process(os.getppid()).create_time(), os.getppid()
         except Exception:  # noqa: BLE001 -- no parent info: the ranks broadcast rank 0's dir anyway
             pass
-    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(started))}.{int(started * 1000) % 1000:03d}-{pid}"
 
 
 def _fill_env_from_slurm_or_single() -> None:
@@ -160,6 +162,14 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def long_barrier() -> None:
+    """A barrier under SETUP_WAIT_TIMEOUT instead of the collective timeout: for the waits on work whose length
+    grows with the model and the file system (rank 0 committing or pruning a checkpoint, writing final/), which a
+    slow shared file system can stretch past trainer.collective_timeout_s. A rank that dies still ends it at once."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier(group=_setup_wait_group)
+
+
 @contextlib.contextmanager
 def main_process_first(info: DistInfo) -> Iterator[None]:
     """Rank 0 runs the body first (e.g. dataset processing that fills a cache); the others run it afterwards.
@@ -217,6 +227,30 @@ def wait_for_error_reports() -> None:
         return
     with contextlib.suppress(Exception):
         _wait_for_keys(store, [_error_key(f"seen/{rank}") for rank in range(1, torch.distributed.get_world_size())])
+
+
+def announce_failure(message: str) -> None:
+    """Leave this rank's failure in the process group's store before the rank exits, so that the ranks whose
+    collectives then fail can say why (see `announced_failures`). Best effort: never raises."""
+    store = _default_store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):
+        store.set(_error_key(f"failed/{env_rank()}"), message[:2000])
+
+
+def announced_failures() -> dict[int, str]:
+    """The failures other ranks announced, by rank (empty when none did, or the store is gone with rank 0)."""
+    store = _default_store()
+    if store is None:
+        return {}
+    found = {}
+    with contextlib.suppress(Exception):
+        for rank in range(torch.distributed.get_world_size()):
+            key = _error_key(f"failed/{rank}")
+            if rank != env_rank() and store.check([key]):
+                found[rank] = store.get(key).decode(errors="replace")
+    return found
 
 
 def _error_key(name: Any) -> str:

@@ -30,7 +30,7 @@ from finetune.training.data_order import total_optimizer_steps
 from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
 from finetune.training.errors import RankFailureError, TrainingError
 from finetune.training.evaluation import write_eval_results
-from finetune.training.loop import LoopResult, train
+from finetune.training.loop import LoopResult, collective_failure, train
 from finetune.training.resume import (
     RunLayout,
     check_convertible,
@@ -259,21 +259,70 @@ def run(cfg: Any, *, run_dir: Optional[Path] = None) -> Optional[LoopResult]:
     run_cfg = parse_config(cfg)
     task = get_task(run_cfg.task)
     info = distributed.init_distributed(collective_timeout_s=run_cfg.trainer.collective_timeout_s)
-    group_alive = True
-    at_end = contextlib.ExitStack()  # after the last barrier: removes the run's NVMe swap directory
+    failed = False
+    at_end = contextlib.ExitStack()  # after the last barrier: removes the run's NVMe swap directory, unlocks
     try:
         return _run(run_cfg, task, info, run_dir or hydra_run_dir(), at_end)
     except TrainingError as err:  # the loop's own stop (non-finite loss, disk full, a rank gone): no traceback
-        group_alive = not isinstance(err, RankFailureError)
-        if info.is_main or not group_alive:  # the ranks agree on the others: rank 0 says it once
+        failed = True
+        if isinstance(err, RankFailureError):  # every rank says it: which one died is not known here
+            print(f"error: {_with_peer_failures(err)}", file=sys.stderr, flush=True)
+        elif info.is_main:  # the ranks agree: rank 0 says it once
             print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(TRAINING_ERROR_EXIT_CODE) from None
+    except RuntimeError as err:
+        failed = True
+        if not collective_failure(err, info):
+            distributed.announce_failure(f"{type(err).__name__}: {err}")
+            raise
+        # A collective outside the loop (setup, export) failed: a peer died or hangs.
+        failure = RankFailureError(
+            f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). Another rank has "
+            "most likely died (its output above says why) or stopped answering."
+        )
+        print(f"error: {_with_peer_failures(failure)}", file=sys.stderr, flush=True)
+        raise SystemExit(TRAINING_ERROR_EXIT_CODE) from None
+    except BaseException as err:
+        # This rank stops here. It must not meet the others at a barrier: they may be waiting in another
+        # collective, with which the barrier would pair. Exiting ends their collectives at once instead.
+        failed = True
+        if not isinstance(err, SystemExit):
+            distributed.announce_failure(f"{type(err).__name__}: {err}")
+        raise
     finally:
         # The group lives until exit (init_distributed registers its teardown): a Hydra multirun runs the next
         # point in this process, and destroying then re-creating the group on the same port hangs.
-        if group_alive:
-            distributed.barrier()
+        if not failed:
+            distributed.long_barrier()
         at_end.close()
+
+
+def _with_peer_failures(err: RankFailureError) -> str:
+    """The error, plus what the ranks that failed first announced before exiting (see distributed.announce_failure)."""
+    peers = distributed.announced_failures()
+    if not peers:
+        return str(err)
+    said = "; ".join(f"rank {rank}: {message}" for rank, message in sorted(peers.items()))
+    return f"{err} The ranks that failed said: {said}"
+
+
+def claim_run_dir(run_dir: Path, run: RunConfig, info: DistInfo, at_end: contextlib.ExitStack) -> None:
+    """Rank 0 checks the run dir's permissions and takes its lock (released by `at_end`); every rank raises the
+    same error when either fails (finetune.training.run_dir)."""
+    from finetune.training.run_dir import RunDirLock, check_permissions
+
+    problem: Optional[Exception] = None
+    if info.is_main:
+        lock = RunDirLock(run_dir)
+        try:
+            check_permissions(run_dir, allow_shared=run.trainer.allow_shared_run_dir)
+            lock.acquire()
+            at_end.callback(lock.release)
+        except ConfigError as err:
+            problem = err
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise problem
 
 
 def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: contextlib.ExitStack) -> LoopResult:
@@ -285,6 +334,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
     run_dir = agree_on_run_dir(info, own_run_dir)
     if info.is_main:
         print(f"Run dir: {run_dir}", flush=True)
+    claim_run_dir(run_dir, run, info, at_end)  # before anything in it is read, cleared or truncated
     distributed.seed_everything(run.trainer.seed)
     swap_subdir = nvme.swap_subdir(run_dir)
     nvme.clear_stale(run.deepspeed.nvme_path, swap_subdir, info=info)  # before the planner measures free space
@@ -397,7 +447,7 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
     if result.preempted:
         preemption.exit_for_restart(is_main=info.is_main)  # SLURM requeues the job; it resumes from the checkpoint
     preemption.uninstall()
-    distributed.barrier()
+    distributed.long_barrier()  # rank 0 may still be writing final/ (GBs on a slow shared file system)
     return result
 
 

@@ -8,8 +8,6 @@ are finetune.model.hf_weights.)
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,15 +20,25 @@ import torch
 from finetune import distributed
 from finetune.config import ConfigError
 from finetune.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, rng_state, set_rng_state
-from finetune.training import faults
+from finetune.training import checkpoint_trust, faults
+from finetune.training.commit import (
+    COMPLETE_MARKER,
+    checkpoint_complete,
+    checksum_mismatches,
+    commit_tag_dir,
+    fsync_tree,
+    read_marker,
+    write_atomically,
+)
 from finetune.training.data_order import DataPosition
 from finetune.training.errors import CheckpointConversionError, DiskSpaceError, TrainingError
 from finetune.training.resume import RunLayout
+from finetune.training.universal import UNIVERSAL_SUFFIX, convert_to_universal
+
+__all__ = ["COMPLETE_MARKER", "CHECKPOINT_TAG", "Checkpointer", "ResumePoint", "checkpoint_complete",
+           "commit_tag_dir"]
 
 CHECKPOINT_TAG = re.compile(r"^global_step(\d+)$")
-
-
-COMPLETE_MARKER = "complete.json"  # in a tag dir: written last, it makes the checkpoint count
 LATEST = "latest"  # DeepSpeed's pointer to the newest checkpoint (read by its tools and by launch/export.py)
 SIZE_MARGIN = 1.1  # checkpoints of one run barely vary in size; the margin covers the estimate of the first one
 
@@ -52,12 +60,15 @@ class ResumePoint:
 class Checkpointer:
     """DeepSpeed checkpoints in run_dir/checkpoints/global_step<N>, with the loop state in client_state.
 
-    A save is committed only once every rank's files are written: DeepSpeed writes the shards (without touching
-    `latest`), the ranks meet at a barrier, then rank 0 writes the tag's completion marker (the list of its files
-    and their sizes) and `latest`, each atomically (temp file + os.replace). A tag without the marker is what an
-    interrupted save left: resuming ignores it, rank 0 removes it, and the newest complete checkpoint is loaded.
-    Pruning to `keep_last` counts complete checkpoints only and runs after a commit, so it never deletes the
-    only complete one, nor the one `latest` names.
+    A save is committed only once every rank's files are written and on stable storage: DeepSpeed writes the
+    shards (without touching `latest`), the ranks meet at a barrier, the files and directories are fsynced, then
+    rank 0 writes the tag's completion marker (each file's size and checksum, finetune.training.commit) and
+    `latest`, each atomically (temp file + os.replace). A tag without the marker is what an interrupted save
+    left: resuming ignores it, rank 0 removes it, and the newest complete checkpoint is loaded. A complete tag
+    whose files no longer match their checksums is passed over, with a notice, for the one before it. Pruning to
+    `keep_last` counts complete checkpoints only and runs after a commit, so it never deletes the only complete
+    one, nor the one `latest` names. Before anything unpickles a checkpoint, its files pass a restricted
+    unpickler (finetune.training.checkpoint_trust).
     """
 
     def __init__(self, directory: Path, *, info: DistInfo, keep_last: int, layout: Optional[RunLayout] = None,
@@ -82,19 +93,28 @@ class Checkpointer:
             record["layout"] = self.layout.to_dict()
         if self.model is not None:
             record["model"] = self.model
-        leftover = self.directory / tag
-        if self.info.is_main and leftover.is_dir() and not (leftover / COMPLETE_MARKER).exists():
-            shutil.rmtree(leftover)  # an interrupted save of this same step: start it clean
+        if self.info.is_main:
+            # What an interrupted save of this step left, or a checkpoint of this step that a resume passed over
+            # (damaged): start it clean, and drop its universal copy, which no longer matches.
+            for leftover in (self.directory / tag, self.directory / f"{tag}{UNIVERSAL_SUFFIX}"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
         barrier()
+        faults.raise_if_active("raise_in_save", step=step, rank=self.info.rank)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         faults.kill_if_active("kill_in_save", step=step, rank=self.info.rank)
-        barrier()  # every rank's files are on disk: commit
+        barrier()  # every rank's files are written
+        # On stable storage before the marker says so: one rank per node flushes what that node wrote. This and
+        # the commit grow with the model and the file system, so the others wait without the collective timeout.
+        if self.info.local_rank == 0:
+            fsync_tree(self.directory / tag)
+        distributed.long_barrier()
         if self.info.is_main:
-            commit_tag_dir(self.directory / tag, record=record)
-            _write_atomically(self.directory / LATEST, tag)
+            commit_tag_dir(self.directory / tag, record=record, synced=True)
+            write_atomically(self.directory / LATEST, tag)
             self._prune()
         self.last_complete = self.directory / tag
-        barrier()
+        distributed.long_barrier()
 
     def _check_free_space(self, engine, tag: str) -> None:
         """Rank 0 compares the expected size with the free space; every rank raises the same error."""
@@ -137,8 +157,6 @@ class Checkpointer:
         for path in self._tag_dirs():
             if path not in keep:  # older complete ones, and leftovers of interrupted saves
                 shutil.rmtree(path, ignore_errors=True)
-        from finetune.training.universal import UNIVERSAL_SUFFIX
-
         for path in self.directory.glob(f"global_step*{UNIVERSAL_SUFFIX}"):  # a universal copy goes with its original
             if (self.directory / path.name.removesuffix(UNIVERSAL_SUFFIX)) not in keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -146,33 +164,39 @@ class Checkpointer:
     # --- resuming -------------------------------------------------------------------------------------
     def find_resume_point(self) -> Optional[ResumePoint]:
         """The newest complete checkpoint, read from its marker before any engine exists; None for a fresh run.
-        A collective: rank 0 chooses (and removes leftovers of interrupted saves), every rank gets its answer."""
-        point = None
-        if self.info.is_main:
-            tag = self._choose_and_clean()
-            if tag is not None:
-                point = _describe(self.directory / tag)
-        return broadcast_object(point)
+
+        A collective: rank 0 chooses (removes leftovers of interrupted saves, passes over damaged checkpoints,
+        checks `latest` and runs the restricted unpickler over the chosen one), and every rank gets the same
+        outcome, a resume point or the same error. The others wait without the collective timeout: checking the
+        checksums reads the whole checkpoint."""
+        outcome: Any = None
+        with distributed.main_process_first(self.info):
+            if self.info.is_main:
+                outcome = _outcome_of(self._choose_verified)
+        return _raise_or_return(broadcast_object(outcome))
+
+    def _choose_verified(self) -> Optional[ResumePoint]:
+        tag = self._choose_and_clean()
+        if tag is None:
+            return None
+        checkpoint_trust.verify_checkpoint_dir(self.directory / tag)
+        return _describe(self.directory / tag)
 
     def universal_copy(self, point: ResumePoint, *, workers: int = 1) -> str:
         """The tag of `point`'s universal form, converted now by rank 0 (committed, the original kept) unless an
         earlier launch did. A collective: the other ranks wait for it without the collective timeout (a large
-        checkpoint converts for minutes)."""
-        from finetune.training.universal import convert_to_universal
+        checkpoint converts for minutes). The universal form passes the restricted unpickler before it is used."""
+        def convert() -> str:
+            tag = convert_to_universal(self.directory, point.tag, workers=workers, log=_notice_line)
+            checkpoint_trust.verify_checkpoint_dir(self.directory / tag)
+            return tag
 
         outcome: Any = None
         with distributed.main_process_first(self.info):
             if self.info.is_main:
-                try:
-                    outcome = convert_to_universal(self.directory, point.tag, workers=workers, log=_notice_line)
-                except TrainingError as err:
-                    outcome = err
-                except Exception as err:  # noqa: BLE001 -- every rank must stop, not wait for rank 0 forever
-                    outcome = CheckpointConversionError(f"Converting {point.path} failed: {err!r}")
-        outcome = broadcast_object(outcome)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+                outcome = _outcome_of(convert, failure=lambda err: CheckpointConversionError(
+                    f"Converting {point.path} failed: {err!r}"))
+        return _raise_or_return(broadcast_object(outcome))
 
     def resume(self, engine, point: ResumePoint, *, seed: int, load_tag: Optional[str] = None) -> DataPosition:
         """Load `point` (or its universal form `load_tag`) into `engine`; returns the data position to go on from.
@@ -211,11 +235,27 @@ class Checkpointer:
         """Rank 0: the tag to resume from, after setting aside what interrupted saves left."""
         tags = self._tag_dirs()
         if tags and not any((p / COMPLETE_MARKER).exists() for p in tags):
-            # Written before completion markers existed: trust `latest` as DeepSpeed did, delete nothing.
+            # Written before completion markers existed: trust `latest` as DeepSpeed did, once it names one of
+            # this dir's checkpoints; delete nothing.
             latest = self._latest_tag()
-            return latest if latest is not None and (self.directory / latest).is_dir() else None
+            if latest is not None and not self._names_a_tag(latest):
+                raise ConfigError(
+                    f"{self.directory / LATEST} names {latest[:80]!r}, which is not a checkpoint of this run dir "
+                    f"(expected global_step<N>, a directory in {self.directory}), and none of its checkpoints has a "
+                    f"{COMPLETE_MARKER} to choose by. Write the tag to resume from into it, or delete it to start "
+                    "over; nothing was loaded or changed."
+                )
+            return latest
         complete = self._complete_tags()
-        chosen = complete[-1] if complete else None
+        chosen = None
+        for candidate in reversed(complete):  # newest first: the first whose bytes are those committed
+            damaged = checksum_mismatches(candidate)
+            if not damaged:
+                chosen = candidate
+                break
+            _notice(f"passing over {candidate}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} "
+                    f"differ(s) from the checksums in its {COMPLETE_MARKER}, so it is damaged (a crash, a bad disk "
+                    "or a partial copy); falling back to the complete checkpoint before it")
         for path in tags:
             if path == chosen:
                 continue
@@ -225,18 +265,28 @@ class Checkpointer:
                     shutil.rmtree(path, ignore_errors=True)
             elif path not in complete:
                 _notice(f"ignoring {path}: files listed in its {COMPLETE_MARKER} are missing or have another size")
+        latest = self._latest_tag()
+        if latest is not None and not self._names_a_tag(latest):
+            _notice(f"ignoring {self.directory / LATEST}: it names {latest[:80]!r}, not a checkpoint of this dir; "
+                    "the completion markers decide")
         if chosen is None:
             return None
-        if self._latest_tag() != chosen.name:  # a kill between the marker and `latest`, or a damaged newer tag
-            _write_atomically(self.directory / LATEST, chosen.name)
+        if latest != chosen.name:  # a kill between the marker and `latest`, a damaged newer tag, a bad `latest`
+            write_atomically(self.directory / LATEST, chosen.name)
         return chosen.name
 
     # --- inspection -----------------------------------------------------------------------------------
     def _tag_dirs(self) -> list[Path]:
+        """The checkpoint directories of this run dir: real directories (a symlink could lead anywhere)."""
         if not self.directory.is_dir():
             return []
-        tags = [p for p in self.directory.iterdir() if p.is_dir() and CHECKPOINT_TAG.match(p.name)]
+        tags = [p for p in self.directory.iterdir()
+                if CHECKPOINT_TAG.match(p.name) and p.is_dir() and not p.is_symlink()]
         return sorted(tags, key=_step_of)
+
+    def _names_a_tag(self, name: str) -> bool:
+        """Whether `name` (the content of `latest`) is one of this dir's checkpoint directories."""
+        return bool(CHECKPOINT_TAG.match(name)) and (self.directory / name) in self._tag_dirs()
 
     def _complete_tags(self) -> list[Path]:
         """Committed checkpoints whose files are all there, oldest first."""
@@ -244,7 +294,9 @@ class Checkpointer:
 
     def _latest_tag(self) -> Optional[str]:
         latest = self.directory / LATEST
-        return latest.read_text().strip() if latest.is_file() else None
+        if not latest.is_file():
+            return None
+        return latest.read_bytes()[:4096].decode("utf-8", errors="replace").strip()
 
     def describe_last_complete(self) -> str:
         """The checkpoint a relaunch would resume from, for messages."""
@@ -252,27 +304,28 @@ class Checkpointer:
         return str(last) if last is not None else "none (the run would start over)"
 
 
-def checkpoint_complete(tag_dir: Path) -> bool:
-    """Whether `tag_dir` was committed and every file its marker lists has the size it had then."""
+def _outcome_of(work, *, failure=None) -> Any:
+    """Rank 0's result of `work()`, or the error every rank is to raise (user and training errors as they are;
+    anything else wrapped by `failure`, else re-raised): the others must not wait for a collective timeout."""
     try:
-        files = json.loads((tag_dir / COMPLETE_MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all((tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items())
+        return work()
+    except (ConfigError, TrainingError) as err:
+        return err
+    except Exception as err:  # noqa: BLE001 -- every rank must stop, not wait for rank 0 forever
+        if failure is None:
+            return ConfigError(f"Reading the checkpoints failed on rank 0: {err!r}. Nothing was loaded or changed.")
+        return failure(err)
 
 
-def commit_tag_dir(tag_dir: Path, *, record: dict[str, Any]) -> None:
-    """Mark `tag_dir` complete: its marker lists every file and its size, plus `record` (step, layout, model)."""
-    files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
-    _write_atomically(tag_dir / COMPLETE_MARKER, json.dumps({**record, "files": files}, indent=1) + "\n")
+def _raise_or_return(outcome: Any) -> Any:
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _describe(tag_dir: Path) -> ResumePoint:
     """A complete checkpoint as its marker describes it (a checkpoint without one: layout and model unknown)."""
-    try:
-        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
-        marker = {}
+    marker = read_marker(tag_dir) or {}
     layout = marker.get("layout") or ({"world_size": marker["world_size"]} if "world_size" in marker else None)
     return ResumePoint(path=tag_dir, step=_step_of(tag_dir), layout=RunLayout.from_dict(layout) if layout else None,
                        model=marker.get("model"))
@@ -307,16 +360,6 @@ def _restore_weight_decay(engine, groups: list[dict[str, Any]]) -> None:
 def resume_seed(seed: int, step: int, rank: int) -> int:
     """A seed for `rank` resuming at `step` on another world size: well mixed, distinct per rank."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a part (rename is atomic on POSIX file systems)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _step_of(tag_dir: Path) -> int:

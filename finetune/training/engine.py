@@ -201,13 +201,6 @@ def _fill_param_swap_buffer(offload: dict[str, Any], *, source: str, world_size:
         )
 
 
-def nvme_swap_dirs(ds_config: dict[str, Any]) -> dict[str, Path]:
-    """Where a filled config swaps to NVMe: {"offload_param" | "offload_optimizer": directory}."""
-    zero = ds_config.get("zero_optimization") or {}
-    return {key: Path(zero[key]["nvme_path"]) for key in ("offload_param", "offload_optimizer")
-            if (zero.get(key) or {}).get("device") == "nvme"}
-
-
 class _Filler:
     """Writes Hydra values into a DeepSpeed dict: "auto" or absent is filled; explicit values must agree."""
 

@@ -70,7 +70,7 @@ def train(
                       total_steps=total_steps, checkpointer=checkpointer, start=start, log=log, progress=progress,
                       mfu_of=mfu_of, stop_requested=stop_requested)
     except RuntimeError as err:
-        if not _collective_failure(err, info):
+        if not collective_failure(err, info):
             raise
         raise RankFailureError(
             f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). Another rank "
@@ -85,7 +85,8 @@ def train(
 _COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
 
 
-def _collective_failure(err: RuntimeError, info: DistInfo) -> bool:
+def collective_failure(err: RuntimeError, info: DistInfo) -> bool:
+    """Whether `err` is a collective that failed because a peer died or hung."""
     return info.world_size > 1 and (isinstance(err, torch.distributed.DistError)
                                     or bool(_COLLECTIVE_FAILURE.search(str(err))))
 
@@ -111,6 +112,7 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
     engine.train()
     while engine.global_steps < stop_at:
         step = engine.global_steps + 1
+        faults.wait_if_active("wait_in_step", step=step, rank=info.rank)
         meter.start()
         position, micro_batches = next(steps)
         if global_mean:  # counted before any backward pass: every micro batch's loss is scaled by the global count

@@ -31,6 +31,7 @@ from finetune.config import ConfigError, RunConfig
 from finetune.distributed import DistInfo
 from finetune.model.hf_weights import CheckpointError
 from finetune.planning.estimate import Estimate, GiB
+from finetune.training.checkpoint_trust import load_restricted
 
 SWAP_PREFIX = "finetune-swap-"
 LIBAIO_FIX = (
@@ -45,6 +46,13 @@ def swap_subdir(run_dir: Path) -> str:
     """The run's directory name under nvme_path: the run dir's name plus a hash of its full path."""
     resolved = Path(run_dir).resolve()
     return f"{SWAP_PREFIX}{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
+
+
+def nvme_swap_dirs(ds_config: dict[str, Any]) -> dict[str, Path]:
+    """Where a filled config swaps to NVMe: {"offload_param" | "offload_optimizer": directory}."""
+    zero = ds_config.get("zero_optimization") or {}
+    return {key: Path(zero[key]["nvme_path"]) for key in ("offload_param", "offload_optimizer")
+            if (zero.get(key) or {}).get("device") == "nvme"}
 
 
 def check_nvme_path(nvme_path: Path) -> Optional[str]:
@@ -127,7 +135,6 @@ def clear_stale(nvme_path: Optional[str], subdir: str, *, info: DistInfo) -> Non
 def prepare_for_run(run: RunConfig, ds_config: dict, model: Any, *, info: DistInfo) -> list[Path]:
     """The swap directories of a filled DeepSpeed config, checked and created (a collective); [] without NVMe."""
     from finetune.planning.choice import offload_estimate
-    from finetune.training.engine import nvme_swap_dirs
 
     swap_dirs = nvme_swap_dirs(ds_config)
     if not swap_dirs:
@@ -141,7 +148,7 @@ def prepare_swap_dirs(swap_dirs: dict[str, Path], estimate: Estimate, *, ranks_p
                       info: DistInfo) -> list[Path]:
     """Check and create the run's swap directories (a collective: every rank calls it); returns them.
 
-    `swap_dirs` is engine.nvme_swap_dirs of the filled DeepSpeed config; `estimate` the planner's estimate of that
+    `swap_dirs` is nvme_swap_dirs of the filled DeepSpeed config; `estimate` the planner's estimate of that
     config for this launch (its NVMe lines and pinned swap buffers are per node of `ranks_per_node` ranks).
     Every rank raises the same ConfigError when any rank found a problem.
     """
@@ -229,7 +236,8 @@ def complete_resume(engine, load_dir: str, tag: str) -> None:
     import torch
 
     optimizer = engine.optimizer
-    saved = torch.load(engine._get_zero_ckpt_name(load_dir, tag), map_location="cpu", weights_only=False)
+    # restricted: the checkpoint passed checkpoint_trust before the engine loaded it, and is read the same way here
+    saved = load_restricted(engine._get_zero_ckpt_name(load_dir, tag))
     saved = saved["optimizer_state_dict"]
     saved_state = saved["optimizer_state_dict"]["state"]
     index = _saved_state_index(optimizer)
@@ -318,8 +326,8 @@ def _fill_offloaded_groups(fp32_flat_groups: list, tag_dir: Path, optim_file: st
     from finetune.planning.estimate import sub_group_numels
 
     model_file = next(iter(sorted(tag_dir.glob("*model_states.pt"))))
-    param_shapes = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)["param_shapes"]
-    config = torch.load(optim_file, map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
+    param_shapes = load_restricted(model_file, mmap=True)["param_shapes"]
+    config = load_restricted(Path(optim_file), mmap=True).get("ds_config") or {}
     sub_group_size = int((config.get("zero_optimization") or {}).get("sub_group_size", 10**9))
     world = len(fp32_flat_groups)
     numels = [n for group in param_shapes

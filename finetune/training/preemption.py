@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # USR1: train.sbatch's warning before the time limit; USR2: submitit's (the Hydra sweep launcher); TERM: preemption.
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+REQUEUE_TIMEOUT_S = 60  # well below trainer.collective_timeout_s, which the other ranks wait under meanwhile
 _Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
 
 
@@ -85,7 +86,14 @@ class PreemptionHandler:
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id:
             return False
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False,
+                                    timeout=REQUEUE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            # An unresponsive slurmctld must not keep the ranks (waiting at the next barrier) past their timeout.
+            log.warning("scontrol requeue %s did not complete (%s): the job will not restart by itself; the "
+                        "checkpoint stands, resubmit the job to resume it", job_id, err)
+            return False
         if result.returncode != 0:
             # E.g. a job being cancelled (scancel sends SIGTERM too): nothing to requeue, the checkpoint still stands.
             log.warning("scontrol requeue %s failed (%s): the job will not restart by itself", job_id, result.stderr.strip())

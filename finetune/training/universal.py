@@ -23,13 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.training.checkpoints import COMPLETE_MARKER, checkpoint_complete, commit_tag_dir
+from finetune.training.commit import COMPLETE_MARKER, checkpoint_complete, commit_tag_dir
 from finetune.training.errors import CheckpointConversionError, DiskSpaceError
 
 UNIVERSAL_SUFFIX = "_universal"
 STAGING = ".universal-staging"  # in the checkpoints dir, removed after each conversion
 # The extraction writes every fragment before merging them: about twice the optimizer states at the peak.
 SPACE_FACTOR = 2.2
+
+
+# A hung conversion (a stalled file system, a stuck worker) must end with an error, not keep every rank waiting;
+# a healthy one converts at well over 100 MB/s, so this bound leaves a wide margin.
+CONVERSION_SECONDS_PER_GIB = 120.0
+MIN_CONVERSION_TIMEOUT_S = 1800.0
+
+
+def conversion_timeout_s(checkpoint_bytes: int) -> float:
+    return max(MIN_CONVERSION_TIMEOUT_S, CONVERSION_SECONDS_PER_GIB * checkpoint_bytes / 2**30)
 
 
 def universal_tag(tag: str) -> str:
@@ -58,6 +68,7 @@ def convert_to_universal(checkpoints: Path, tag: str, *, workers: int = 1, log=p
             f"{free / 2**30:.2f} GiB. Free some space (older run dirs, or trainer.keep_last), or relaunch on the "
             "number of ranks that wrote the checkpoint, which needs no conversion; nothing was changed."
         )
+    timeout_s = conversion_timeout_s(size)
     staging = staging_root / target.name
     staging_root.mkdir(parents=True)
     log(f"Checkpoints: converting {source} to DeepSpeed's universal form for this world size "
@@ -66,7 +77,18 @@ def convert_to_universal(checkpoints: Path, tag: str, *, workers: int = 1, log=p
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
                "--output_folder", str(staging), "--num_extract_workers", str(workers),
                "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # subprocess.run kills it
+        shutil.rmtree(staging_root, ignore_errors=True)
+        raise CheckpointConversionError(
+            f"DeepSpeed's conversion of {source} to its universal form did not finish within {timeout_s:.0f} s "
+            f"({size / 2**30:.2f} GiB) and was stopped. The checkpoint is unchanged. Relaunch on the number of ranks "
+            "that wrote it to resume without a conversion, or, if the file system is just slow, relaunch (the "
+            f"limit scales with the checkpoint: {CONVERSION_SECONDS_PER_GIB:.0f} s per GiB, at least "
+            f"{MIN_CONVERSION_TIMEOUT_S:.0f} s)."
+        ) from None
     if proc.returncode != 0 or not (staging / "zero").is_dir():
         output = (proc.stdout + proc.stderr).strip().splitlines()
         shutil.rmtree(staging_root, ignore_errors=True)

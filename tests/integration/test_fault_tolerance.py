@@ -27,7 +27,7 @@ TRAINING_ERROR_EXIT_CODE = 3
 
 
 def fault(spec: str) -> dict:
-    return {"FINETUNE_FAULT": spec}
+    return {"FINETUNE_FAULT": spec, "FINETUNE_FAULT_INJECTION": "1"}  # the test switch: see faults.py
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,15 @@ def test_launch_stamp_is_shared_by_the_children_of_one_launcher(clean_env):
 def test_launch_stamp_without_a_launcher_is_now(clean_env):
     before = time.strftime("%Y-%m-%d_%H-%M", time.localtime())
     assert distributed.launch_stamp().startswith(before[:13])
+    assert distributed.launch_stamp().endswith(f"-{os.getpid()}")
+
+
+def test_launches_in_the_same_second_get_their_own_run_dirs(clean_env):
+    """Generated run dir names are unique, not just to the second: two launches side by side differ."""
+    child = [sys.executable, "-c", "from finetune.distributed import launch_stamp; print(launch_stamp())"]
+    procs = [subprocess.Popen(child, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    first, second = (proc.communicate()[0].strip() for proc in procs)
+    assert first != second and first[:16] == second[:16]
 
 
 def test_env_for_a_single_process(clean_env):

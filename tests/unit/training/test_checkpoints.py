@@ -1,6 +1,7 @@
 """Training checkpoints without a launch: commit, resume, pruning and the disk check (a fake engine writes the files)."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,16 +9,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from finetune.config import ConfigError
 from finetune.distributed import DistInfo, rng_state
-from finetune.training import checkpoints
+from finetune.training import checkpoints, commit
 from finetune.training.checkpoints import COMPLETE_MARKER, Checkpointer, checkpoint_complete
 from finetune.training.data_order import DataPosition
 from finetune.training.errors import DiskSpaceError
 from finetune.training.resume import RunLayout
 
 
+def _shard_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"module": {"weight": torch.zeros(100)}}, buffer)
+    return buffer.getvalue()
+
+
+SHARD = _shard_bytes()  # a torch file, as DeepSpeed writes (the restricted unpickler reads it before a resume)
+
+
 class FakeCheckpointEngine:
-    """Writes what DeepSpeed's save_checkpoint would (a file per rank of 1000 bytes) and records loads."""
+    """Writes what DeepSpeed's save_checkpoint would (a small torch file per rank and kind) and records loads."""
 
     def __init__(self, step: int = 0):
         self.global_steps = step
@@ -30,7 +41,7 @@ class FakeCheckpointEngine:
         assert save_latest is False  # `latest` is the Checkpointer's to write, after the commit
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
-            (Path(directory) / tag / name).write_bytes(b"x" * 1000)
+            (Path(directory) / tag / name).write_bytes(SHARD)
         self.saved.append(tag)
         self.client_states[tag] = client_state
 
@@ -55,7 +66,10 @@ def test_a_save_is_committed_with_a_marker_and_latest(tmp_path):
     engine = FakeCheckpointEngine()
     save_at(ckpt, engine, 5)
     marker = json.loads((tmp_path / "global_step5" / COMPLETE_MARKER).read_text())
-    assert marker["files"] == {"mp_rank_00_model_states.pt": 1000, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 1000}
+    assert marker["files"] == {"mp_rank_00_model_states.pt": len(SHARD),
+                               "zero_pp_rank_0_mp_rank_00_optim_states.pt": len(SHARD)}
+    assert marker["checksums"]["mp_rank_00_model_states.pt"] == commit.file_checksum(
+        tmp_path / "global_step5" / "mp_rank_00_model_states.pt")
     assert (tmp_path / "latest").read_text() == "global_step5"
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, renamed into place
     assert checkpoint_complete(tmp_path / "global_step5")
@@ -139,7 +153,7 @@ def test_save_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
     free = {"bytes": 10**9}
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     save_at(ckpt, engine, 1)  # first save: estimated from the parameters (110 * (4 + 12) bytes + margin)
-    free["bytes"] = 1500  # less than the 2000 bytes the previous checkpoint takes
+    free["bytes"] = 2 * len(SHARD)  # less than the previous checkpoint takes: its two shards and its marker
     with pytest.raises(DiskSpaceError) as err:
         save_at(ckpt, engine, 2)
     message = str(err.value)
@@ -208,3 +222,62 @@ def test_step_counters_shared_by_a_universal_load_are_unshared():
     assert state["weights"]["step"] is not state["biases"]["step"]
     state["weights"]["step"] += 1
     assert float(state["weights"]["step"]) == 7.0 and float(state["biases"]["step"]) == 6.0
+
+
+def test_files_are_fsynced_before_the_marker_and_a_flipped_byte_falls_back_to_the_previous_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    synced = []
+    real_fsync_tree = checkpoints.fsync_tree
+    monkeypatch.setattr(checkpoints, "fsync_tree", lambda path: (
+        synced.append((path.name, (path / COMPLETE_MARKER).exists())), real_fsync_tree(path)))
+    ckpt = Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=3)
+    engine = FakeCheckpointEngine()
+    save_at(ckpt, engine, 2)
+    save_at(ckpt, engine, 4)
+    assert synced == [("global_step2", False), ("global_step4", False)]  # each before its marker existed
+    shard = tmp_path / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    assert checkpoint_complete(tmp_path / "global_step4")
+    assert resume(Checkpointer(tmp_path, info=DistInfo(0, 1, 0), keep_last=3), engine) == DataPosition(0, 2)
+    out = capsys.readouterr().out
+    assert "passing over" in out and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in out and "global_step4" in out
+    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert (tmp_path / "global_step4").is_dir()  # kept to look at, until the run saves step 4 anew
+    save_at(ckpt, engine, 4)
+    assert commit.checksum_mismatches(tmp_path / "global_step4") == []
+
+
+def test_latest_is_checked_against_the_tag_pattern_and_the_run_dir(tmp_path, capsys):
+    engine = FakeCheckpointEngine()
+    ckpt = Checkpointer(tmp_path / "checkpoints", info=DistInfo(0, 1, 0), keep_last=3)
+    save_at(ckpt, engine, 2)
+    # with completion markers, `latest` decides nothing: a bad one is said and rewritten
+    for bad in ("../../elsewhere/global_step9", "global_step2/../../x", "\x00\xff", "global_step7"):
+        (tmp_path / "checkpoints" / "latest").write_bytes(bad.encode("utf-8", "surrogateescape"))
+        assert ckpt.find_resume_point().tag == "global_step2"
+        assert "not a checkpoint of this dir" in capsys.readouterr().out
+        assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step2"
+    # before completion markers, `latest` chose: one that is not a tag of this dir is refused
+    old = tmp_path / "old" / "checkpoints"
+    (old / "global_step3").mkdir(parents=True)
+    (tmp_path / "other_run" / "global_step9").mkdir(parents=True)
+    for bad in ("../../other_run/global_step9", "global_step5", "rm -rf ~", "\x00"):
+        (old / "latest").write_text(bad)
+        with pytest.raises(ConfigError) as err:
+            Checkpointer(old, info=DistInfo(0, 1, 0), keep_last=2).find_resume_point()
+        assert "not a checkpoint of this run dir" in str(err.value) and "nothing was loaded" in str(err.value)
+    assert (old / "global_step3").is_dir() and (tmp_path / "other_run" / "global_step9").is_dir()
+
+
+def test_a_symlinked_tag_dir_is_neither_loaded_nor_pruned(tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "global_step9"
+    ckpt = Checkpointer(tmp_path / "checkpoints", info=DistInfo(0, 1, 0), keep_last=1)
+    engine = FakeCheckpointEngine()
+    save_at(Checkpointer(elsewhere.parent, info=DistInfo(0, 1, 0), keep_last=1), engine, 9)
+    save_at(ckpt, engine, 2)
+    (tmp_path / "checkpoints" / "global_step9").symlink_to(elsewhere)
+    assert ckpt.find_resume_point().tag == "global_step2"
+    save_at(ckpt, engine, 3)
+    assert (elsewhere / COMPLETE_MARKER).is_file()

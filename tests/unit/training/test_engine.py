@@ -12,12 +12,12 @@ from finetune.model import GPTJConfig, build_model
 from finetune.training.engine import (
     build_ds_config,
     load_ds_json,
-    nvme_swap_dirs,
     offload_devices,
     param_groups,
     warmup_steps,
     zero_stage,
 )
+from finetune.training.nvme import nvme_swap_dirs
 
 DS_CONFIGS = sorted((Path(__file__).resolve().parents[3] / "ds_configs").glob("*.json"))
 

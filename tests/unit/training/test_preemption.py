@@ -17,7 +17,8 @@ def fake_scontrol(tmp_path, monkeypatch):
     calls = tmp_path / "calls"
     script = tmp_path / "bin" / "scontrol"
     script.parent.mkdir()
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit ${{FAKE_SCONTROL_RC:-0}}\n')
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nsleep ${{FAKE_SCONTROL_SLEEP:-0}}\n'
+                      f'exit ${{FAKE_SCONTROL_RC:-0}}\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
     return calls
@@ -53,6 +54,16 @@ def test_requeue_refused_by_slurm_is_reported_not_raised(fake_scontrol, monkeypa
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("FAKE_SCONTROL_RC", "1")
     assert PreemptionHandler().requeue() is False
+
+
+def test_a_hung_scontrol_is_given_up_on_after_its_timeout(fake_scontrol, monkeypatch, caplog):
+    from finetune.training import preemption
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("FAKE_SCONTROL_SLEEP", "30")
+    monkeypatch.setattr(preemption, "REQUEUE_TIMEOUT_S", 0.5)
+    assert PreemptionHandler().requeue() is False
+    assert "scontrol requeue 4242 did not complete" in caplog.text and "resubmit the job" in caplog.text
 
 
 @pytest.mark.parametrize("is_main", [True, False])

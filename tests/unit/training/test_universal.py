@@ -48,3 +48,14 @@ def test_a_failed_conversion_leaves_the_original_and_nothing_half_written(tmp_pa
     assert str(source) in str(err.value) and "unchanged" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3"]
     assert (source / "mp_rank_00_model_states.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_a_conversion_that_does_not_finish_in_time_is_stopped_with_an_error(tmp_path, monkeypatch):
+    assert universal.conversion_timeout_s(2**30) == universal.MIN_CONVERSION_TIMEOUT_S
+    assert universal.conversion_timeout_s(100 * 2**30) == 100 * universal.CONVERSION_SECONDS_PER_GIB
+    source = checkpoint(tmp_path)
+    monkeypatch.setattr(universal, "conversion_timeout_s", lambda size: 0.01)
+    with pytest.raises(CheckpointConversionError) as err:
+        convert_to_universal(tmp_path, "global_step3", log=lambda message: None)
+    assert "did not finish within 0 s" in str(err.value) and "unchanged" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3"] and source.is_dir()
