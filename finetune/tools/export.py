@@ -127,7 +127,12 @@ def read_checkpoint_state(checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
 
     ZeRO-1/2/3: fp32 master weights via `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`.
     Stage 0 (no ZeRO): the module weights stored in `mp_rank_00_model_states.pt`, memory-mapped.
+    Every pickle file of the checkpoint passes the restricted unpickler first (docs/security.md): DeepSpeed's
+    consolidation unpickles them without restriction.
     """
+    from finetune.training.checkpoint_trust import verify_checkpoint_dir
+
+    verify_checkpoint_dir(checkpoint.path)
     if not any(checkpoint.path.glob("*_optim_states.pt")):
         model_file = checkpoint.path / "mp_rank_00_model_states.pt"
         if not model_file.is_file():
@@ -152,25 +157,12 @@ def read_checkpoint_state(checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
     return {k: v if isinstance(v, torch.Tensor) else _LazyTensor(v) for k, v in state.items()}
 
 
-# The numpy objects a stage-0 model file holds besides tensors: the RNG states the checkpointer stores in
-# client_state (finetune.distributed.rng_state). Everything else must be tensors and plain containers.
-def _numpy_rng_globals() -> list[Any]:
-    import numpy as np
-
-    reconstruct = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    return [reconstruct._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
-
-
 def _stage0_module_state(model_file: Path) -> dict[str, Any]:
-    """The module weights of a stage-0 model file, unpickled with torch's restricted unpickler.
+    """The module weights of a stage-0 model file, unpickled with the restricted unpickler (docs/security.md)."""
+    from finetune.training.checkpoint_trust import load_restricted
 
-    The single place export itself unpickles a training checkpoint file: a file holding any other object (code
-    run by a crafted pickle) is refused here, see docs/security.md. DeepSpeed's own ZeRO loader in
-    read_checkpoint_state unpickles the optimizer shards; checkpoint verification covers those.
-    """
     try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
-            saved = torch.load(model_file, map_location="cpu", mmap=True, weights_only=True)
+        saved = load_restricted(model_file, mmap=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{model_file} holds objects other than tensors, plain containers and RNG states, so it is not loaded "
