@@ -160,3 +160,47 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_cfg: LoraConfig)
             merged[key.replace(".base_layer.", ".")] = plain.pop(key)
     return merged
 
+
+
+# --- QLoRA (lora=qlora): a 4-bit base ---------------------------------------------------------------------
+QLORA_DEEPSPEED = ("none", "zero2", "auto")  # conf/deepspeed options that train a 4-bit base
+
+
+def refuse_partitioned_quantized_base(cfg: LoraConfig, stage: int, *, source: str) -> None:
+    """ZeRO-3 cannot hold a 4-bit base: refuse it before anything is built (ConfigError naming what works)."""
+    if cfg.quantized and stage == 3:
+        raise ConfigError(
+            f"lora=qlora (lora.quantize_base={cfg.quantize_base}) does not run under ZeRO-3 ({source}): ZeRO-3 "
+            "partitions every parameter into flat 16-bit buffers and gathers it back as a plain tensor, which loses "
+            "the 4-bit weights' quantization state (bitsandbytes keeps it on the parameter object, and DeepSpeed's "
+            "zero.Init cannot quantize while it partitions). A 4-bit GPT-J 6B base is 3.4 GB, so it is replicated "
+            "on every GPU instead while ZeRO shards the adapters' optimizer states: use deepspeed=zero2, "
+            "deepspeed=none or deepspeed=auto with lora=qlora, or lora=lora (16-bit base) to keep ZeRO-3."
+        )
+
+
+def merged_quantized_state_dict(trained: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
+                                lora_cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """QLoRA: a plain GPT-J state dict with the adapter merged into the base's ORIGINAL 16-bit weights.
+
+    `trained` is the PeftModel's state dict (its base linears 4-bit: only its adapter and head copy are used),
+    `original` the plain state dict of the 16-bit base the run quantized (model.path's weights or the seeded
+    init). Merging into the dequantized 4-bit weights instead would bake NF4's rounding error into every
+    weight of a model that no longer needs to be 4-bit. Both inputs are emptied as read.
+    """
+    adapter = {k: v for k, v in trained.items() if ".lora_" in k or ".modules_to_save." in k}
+    trained.clear()
+    heads_trained = {k.split(".modules_to_save.")[0].removeprefix(PEFT_PREFIX) for k in adapter
+                     if ".modules_to_save." in k}
+    state: dict[str, torch.Tensor] = {}
+    for key in list(original):
+        module, _, leaf = key.rpartition(".")
+        value = original.pop(key)
+        if module in heads_trained:
+            continue  # replaced by its trained copy
+        if f"{PEFT_PREFIX}{module}.lora_A.{ADAPTER_NAME}.weight" in adapter:
+            state[f"{PEFT_PREFIX}{module}.base_layer.{leaf}"] = value
+        else:
+            state[PEFT_PREFIX + key] = value
+    state.update(adapter)
+    return merged_state_dict(state, lora_cfg)
