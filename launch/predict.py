@@ -41,7 +41,8 @@ def main(cfg: DictConfig) -> None:
 
     rows = read_input(cfg.input, task=task, cfg=data_cfg)  # before the model: a wrong file fails fast
     check_columns(rows, task, data_cfg, input_name=cfg.input)
-    model = load_model_for_inference(cfg.model.path, task=task, dtype=dtype, device=device, base_model=cfg.base_model)
+    model = load_model_for_inference(cfg.model.path, task=task, dtype=dtype, device=device, base_model=cfg.base_model,
+                                     quantize_base=cfg.get("quantize_base"))
     tokenizer = GPTJTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
     tokenizer.check_fits(model.config.vocab_size)
     predict = make_predictor(task, model, tokenizer, data_cfg, generation=generation, input_name=cfg.input)

@@ -29,18 +29,24 @@ from finetune.model.heads import GPTJPreTrainedModel, build_model
 
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 BLOCKSIZE = 64  # weights per absmax constant (bitsandbytes' and the paper's default for 4-bit)
+# Written next to a QLoRA adapter: its base's quantization as BitsAndBytesConfig keyword arguments, so that tools
+# and users quantize the base the way it was trained.
+BASE_QUANTIZATION_FILE = "base_quantization_config.json"
+
+
+def _drop_kernel_fetch_warning(record: logging.LogRecord) -> bool:
+    # On AVX512-BF16 CPUs bitsandbytes tries, at import, to fetch an optional inference kernel from the Hugging
+    # Face hub and warns when it cannot (offline machines); that kernel is of no use here (see NF4Linear).
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Installed before anything imports bitsandbytes (peft does, at its own import): import this module first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernel_fetch_warning)
 
 
 def _bnb():
-    """bitsandbytes, imported quietly: on AVX512-BF16 CPUs it logs a warning at import when it cannot fetch an
-    optional inference kernel from the Hugging Face hub (offline machines), which is of no use here."""
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    finally:
-        cpu_ops.setLevel(level)
+    import bitsandbytes
+
     return bitsandbytes
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 import datasets
 import torch
 
+from finetune.model.quantized import BASE_QUANTIZATION_FILE  # noqa: I001 -- before peft, which imports bitsandbytes
 from finetune.config import ConfigError, DataConfig, GenerationConfig
 from finetune.model import GPTJPreTrainedModel
 from finetune.model.hf_weights import CheckpointError, load_pretrained, resolve_model_dir
@@ -50,12 +51,16 @@ def load_model_for_inference(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     base_model: Optional[str] = None,
+    quantize_base: Optional[bool] = None,
 ) -> GPTJPreTrainedModel:
     """The model at `path` in eval mode: full weights, or a LoRA adapter merged into its base.
 
     The adapter's base is `base_model`, else the `base_model_name_or_path` recorded in adapter_config.json.
     The head comes from the adapter (it is trained in full); a config.json next to the adapter supplies its
     labels (id2label), else they are LABEL_i.
+    A QLoRA adapter (base_quantization_config.json next to it) gets its base quantized to 4-bit NF4 as in
+    training, computing in `dtype`, with the adapter applied unmerged (merging into 4-bit weights would round
+    the sum to 4 bits); `quantize_base` True/False forces either way (False: a 16-bit base, adapter merged).
     """
     model_dir = resolve_model_dir(path)
     if not is_adapter_dir(model_dir):
@@ -81,8 +86,15 @@ def load_model_for_inference(
             head = [k for k in f.keys() if f".{HEAD_NAMES[task]}." in k and k.endswith(".weight")]
             if head:
                 overrides["num_labels"] = f.get_slice(head[0]).get_shape()[0]
+    if quantize_base is None:
+        quantize_base = (model_dir / BASE_QUANTIZATION_FILE).is_file()
     try:
-        model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None)
+        if quantize_base:
+            from finetune.model.quantized import load_pretrained_quantized
+
+            model = load_pretrained_quantized(base, task=task, dtype=dtype, config_overrides=overrides or None)
+        else:
+            model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None)
     except CheckpointError as err:
         raise CheckpointError(
             f"The base model of the LoRA adapter in {model_dir} could not be loaded: {err} Pass base_model=DIR to "
@@ -90,7 +102,10 @@ def load_model_for_inference(
         ) from None
     # A plain PeftModel: the PeftModelFor<task> wrappers expect transformers' generation API.
     adapter_config.task_type = None
-    merged = peft.PeftModel.from_pretrained(model, str(model_dir), config=adapter_config).merge_and_unload()
+    with_adapter = peft.PeftModel.from_pretrained(model, str(model_dir), config=adapter_config)
+    if quantize_base:  # the LoRA layers stay in the model itself; .to(dtype) would cast the packed 4-bit bytes
+        return with_adapter.get_base_model().to(device=device).eval()
+    merged = with_adapter.merge_and_unload()
     return merged.to(device=device, dtype=dtype).eval()
 
 

@@ -11,13 +11,16 @@ so all ranks start from the same adapter (tests/integration/test_lora_zero.py ru
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Optional
 
-import peft
 import torch
 from torch import nn
 
+from finetune.model.quantized import BASE_QUANTIZATION_FILE  # noqa: I001 -- before peft, which imports bitsandbytes
+
+import peft
 from finetune.config import ConfigError, LoraConfig
 from finetune.model import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification, GPTJPreTrainedModel
 
@@ -114,7 +117,22 @@ def save_adapter(
         )
     finally:
         peft_cfg.task_type, peft_cfg.base_model_name_or_path = saved
+    record = base_quantization(model)
+    if record is not None:
+        (out_dir / BASE_QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+def base_quantization(model: nn.Module) -> Optional[dict]:
+    """A 4-bit base's settings as transformers' BitsAndBytesConfig keyword arguments (None: a 16-bit base)."""
+    from finetune.model.quantized import is_quantized_linear
+
+    layer = next((m for m in model.modules() if is_quantized_linear(m)), None)
+    if layer is None:
+        return None
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": layer.weight.quant_type,
+            "bnb_4bit_use_double_quant": bool(layer.weight.compress_statistics),
+            "bnb_4bit_compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
 
 
 def merge_lora(model: peft.PeftModel) -> GPTJPreTrainedModel:
