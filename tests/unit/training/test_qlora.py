@@ -189,3 +189,22 @@ def test_zero3_is_refused_naming_the_configs_that_work():
     assert "\n" not in text and "ds_configs/zero3.json" in text
     for works in ("deepspeed=zero2", "deepspeed=none", "deepspeed=auto", "lora=lora"):
         assert works in text
+
+
+@pytest.mark.parametrize("shape", [(256, 4096), (1000, 96)])  # whole rows per chunk, and blocks across rows
+def test_chunked_quantization_gives_bitsandbytes_bytes(monkeypatch, shape):
+    import bitsandbytes
+
+    from finetune.model import quantized
+
+    monkeypatch.setattr(quantized, "QUANTIZE_CHUNK", 64 * 100)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.02
+    packed, state = quantized.quantize_nf4(weight, NF4Settings(compute_dtype=torch.bfloat16))
+    expected, expected_state = bitsandbytes.functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(packed, expected)
+    assert state.shape == expected_state.shape and state.dtype == expected_state.dtype
+    assert torch.equal(state.absmax, expected_state.absmax) and torch.equal(state.offset, expected_state.offset)
+    assert torch.equal(state.state2.absmax, expected_state.state2.absmax)
+    assert torch.equal(bitsandbytes.functional.dequantize_4bit(packed, state),
+                       bitsandbytes.functional.dequantize_4bit(expected, expected_state))
