@@ -106,9 +106,9 @@ def main() -> None:
         print(json.dumps(measure(variant, model_dir, int(seq_len), int(steps))))
         return
 
-    import peft
+    from finetune.model.quantized import _bnb  # noqa: I001 -- before peft, which imports bitsandbytes
 
-    from finetune.model.quantized import _bnb
+    import peft
 
     bitsandbytes = _bnb()
 
