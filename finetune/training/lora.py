@@ -191,7 +191,7 @@ def refuse_partitioned_quantized_base(cfg: LoraConfig, stage: int, *, source: st
             f"lora=qlora (lora.quantize_base={cfg.quantize_base}) does not run under ZeRO-3 ({source}): ZeRO-3 "
             "partitions every parameter into flat 16-bit buffers and gathers it back as a plain tensor, which loses "
             "the 4-bit weights' quantization state (bitsandbytes keeps it on the parameter object, and DeepSpeed's "
-            "zero.Init cannot quantize while it partitions). A 4-bit GPT-J 6B base is 3.4 GB, so it is replicated "
+            "zero.Init cannot quantize while it partitions). A 4-bit GPT-J 6B base is 3.8 GB, so it is replicated "
             "on every GPU instead while ZeRO shards the adapters' optimizer states: use deepspeed=zero2, "
             "deepspeed=none or deepspeed=auto with lora=qlora, or lora=lora (16-bit base) to keep ZeRO-3."
         )
