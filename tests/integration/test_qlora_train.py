@@ -42,7 +42,7 @@ def qlora_run(launch, base_checkpoint, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("qlora") / "run"
     return launch(run_dir, "task=clm", f"model.path={base_checkpoint}", "lora=qlora", "deepspeed=zero2",
                   "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.eval_every=0",
-                  "trainer.save_every=0", "trainer.log_every=1", "trainer.precision=fp32", "optim.lr=1e-2",
+                  "trainer.save_every=4", "trainer.log_every=1", "trainer.precision=fp32", "optim.lr=1e-2",
                   "data.max_seq_len=64", "data.max_eval_samples=16")
 
 
@@ -84,3 +84,23 @@ def test_evaluate_quantizes_the_base_as_trained_and_reproduces_the_run(qlora_run
     sixteen_bit = evaluate(final, tmp_path, datasets_cache, "quantize_base=false")
     # NF4's rounding of the base moves the loss clearly outside the 1e-5 band of "the same model" above.
     assert abs(sixteen_bit["loss"] - expected["loss"]) > 10 * 1e-5 * expected["loss"]
+
+
+def test_export_merges_the_checkpoint_into_the_original_16bit_weights(qlora_run, base_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune.tools.export import export_checkpoint
+
+    out = export_checkpoint(qlora_run.run_dir / "checkpoints", tmp_path / "merged", base_model=str(base_checkpoint),
+                            dtype="fp32")
+    merged = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    base = {k: v for f in sorted(base_checkpoint.glob("*.safetensors")) for k, v in load_file(f).items()}
+    adapter = load_file(qlora_run.run_dir / "final" / "adapter_model.safetensors")
+    config = json.loads((qlora_run.run_dir / "final" / "adapter_config.json").read_text())
+    assert set(merged) == set(base)  # a plain GPT-J: no 4-bit data, no quantization constants
+    for layer in ("transformer.h.0.attn.q_proj", "transformer.h.1.mlp.fc_out"):
+        a = adapter[f"base_model.model.{layer}.lora_A.weight"]
+        b = adapter[f"base_model.model.{layer}.lora_B.weight"]
+        expected = base[f"{layer}.weight"] + (config["lora_alpha"] / config["r"]) * b @ a
+        torch.testing.assert_close(merged[f"{layer}.weight"], expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(merged["transformer.wte.weight"], base["transformer.wte.weight"])
