@@ -357,7 +357,9 @@ def drop_4bit_base(state: dict[str, Any]) -> bool:
     """Remove a QLoRA checkpoint's 4-bit base weights and their quantization constants from `state`; whether there
     were any. Merged exports then take the base's original 16-bit weights from the base model, as final/ does
     (docs/lora.md, "Merging"), never the 4-bit ones."""
-    four_bit = [key.removesuffix(".absmax") for key in state if key.endswith(".weight.absmax")]
+    # Packed 4-bit weights are integer tensors (ZeRO consolidation keeps them, without their constants).
+    four_bit = [key for key, value in state.items() if key.endswith(".base_layer.weight")
+                and not getattr(value, "dtype", torch.float32).is_floating_point]
     for weight in four_bit:
         for key in [k for k in state if k == weight or k.startswith(f"{weight}.")]:
             del state[key]
