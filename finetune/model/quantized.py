@@ -11,8 +11,9 @@ dequantizes its weight to that dtype for each matmul.
 dropped before the next is read, so the whole 16-bit model is never in memory (GPT-J 6B: 12 GB in bf16,
 3.8 GB with its linears in 4 bits). `quantize_linears` quantizes a model that is already materialized (a random init).
 
-Same bytes as transformers: both call `bitsandbytes.functional.quantize_4bit` on the same tensor, so a model
-quantized here and transformers' one quantized from the same checkpoint hold identical 4-bit weights.
+Same bytes as transformers: both quantize with `bitsandbytes.functional.quantize_4bit` (here in chunks of whole
+blocks, see `quantize_nf4`), so a model quantized here and transformers' one quantized from the same checkpoint hold
+identical 4-bit weights and constants (tests/unit/training/test_qlora.py).
 """
 from __future__ import annotations
 
