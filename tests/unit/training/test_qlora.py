@@ -15,7 +15,6 @@ import transformers
 from finetune.config import ConfigError, LoraConfig
 from finetune.model import GPTJConfig, build_model
 from finetune.model.hf_weights import load_state_into, save_pretrained
-from finetune.planning.estimate import NF4_BYTES_PER_WEIGHT
 from finetune.model.quantized import (
     NF4Settings,
     is_quantized_linear,
@@ -24,6 +23,7 @@ from finetune.model.quantized import (
     prepare_for_quantized_load,
     quantize_linears,
 )
+from finetune.planning.estimate import NF4_BYTES_PER_WEIGHT
 from finetune.training.lora import (
     apply_lora,
     merged_quantized_state_dict,
