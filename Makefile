@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # On a GPU machine, a torch already importable by $(PYTHON) with CUDA is reused through --system-site-packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all test-cpus clean
 PYTEST_ARGS ?= -m "not slow"
 
 $(BIN)/.installed: pyproject.toml
@@ -30,6 +30,15 @@ test: venv
 
 test-all: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
+
+# The numerical tests (slow ones included) under this CPU's own kernels, then under another CPU's order of sums:
+# torch's AVX2 kernels; torch's portable kernels with MKL's reproducible path (docs/testing.md).
+CPU_PROFILES := "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" \
+	"ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE"
+test-cpus: venv
+	@set -e; for profile in "" $(CPU_PROFILES); do \
+	  echo "== numerical tests under $${profile:-this CPU's own kernels}"; \
+	  env $$profile PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m numerics; done
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -8,7 +8,8 @@ ZeRO-2, its 4-bit base frozen and replicated):
 - 1 rank (micro batch 2 x accumulation 2) trains 6 steps, and its step-3 checkpoint is resumed on 2 ranks.
 Weight decay is on (biases and norms without: two optimizer groups) and the learning rate changes every step, so
 the groups and the schedule must come back as saved. Steps 4-6 and the final weights equal the uninterrupted runs'
-to 1e-5 relative (and the 1-rank and 2-rank uninterrupted runs equal each other). Then the bad input: a global
+within what fp32 reordering can move (and the 1-rank and 2-rank uninterrupted runs equal each other; the bounds
+and their reasons are in train_worker.py: LOSS_RTOL, weight_disagreements). Then the bad input: a global
 batch that cannot be kept, a split that changes the global batch, a checkpoint of another model, each refused
 with one paragraph before anything is built or changed. Three launches (2 ranks, 1 rank, 2 ranks) run all of it.
 `make test` (CI) runs ZeRO-3 and the bad input; ZeRO-2, ZeRO-3 + CPU offload, LoRA and QLoRA are marked slow
@@ -21,7 +22,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_worker import final_weights, instruction_data, relative_difference, run_jobs, train_losses
+from train_worker import (LOSS_RTOL, final_weights, instruction_data, run_jobs, train_losses, train_lrs,
+                          weight_disagreements)
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +35,13 @@ MORE_CONFIGS = {
     "lora": ("deepspeed=zero3", "lora=lora", "lora.dropout=0"),
     "qlora": ("deepspeed=zero2", "lora=qlora", "lora.dropout=0"),  # a 4-bit base, replicated (no ZeRO-3)
 }
-RTOL = 1e-5
+WEIGHT_DECAY = 0.1
 
 
 def common(data: Path) -> tuple[str, ...]:
     return ("task=clm", "model=tiny", "trainer.precision=fp32", "trainer.max_steps=6", "trainer.save_every=3",
             "trainer.keep_last=3", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_at_end=false",
-            "trainer.seed=5", "optim.lr=1e-3", "optim.weight_decay=0.1", "scheduler=linear",
+            "trainer.seed=5", "optim.lr=1e-3", f"optim.weight_decay={WEIGHT_DECAY}", "scheduler=linear",
             "scheduler.warmup_steps=2", "deepspeed.check_memory=false", f"data.train_file={data}",
             f"data.validation_file={data}", "data.prompt_column=prompt", "data.response_column=response",
             "data.packing=false", "data.max_seq_len=128")
@@ -146,13 +148,15 @@ def check_resumed_runs(dirs: dict, results: dict, name: str) -> None:
     two, one = train_losses(dirs[f"{name}/2"]), train_losses(dirs[f"{name}/1"])
     assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
     for step in two:  # the two uninterrupted layouts agree (the same global batch)
-        assert one[step] == pytest.approx(two[step], rel=RTOL), (name, one, two)
+        assert one[step] == pytest.approx(two[step], rel=LOSS_RTOL), (name, one, two)
     for resumed, reference in ((f"{name}/2->1", f"{name}/2"), (f"{name}/1->2", f"{name}/1")):
         losses, expected = train_losses(dirs[resumed]), train_losses(dirs[reference])
         assert sorted(losses) == [4, 5, 6], (resumed, losses)
         for step in (4, 5, 6):
-            assert losses[step] == pytest.approx(expected[step], rel=RTOL), (resumed, losses, expected)
-        assert relative_difference(final_weights(dirs[resumed]), final_weights(dirs[reference])) < RTOL, resumed
+            assert losses[step] == pytest.approx(expected[step], rel=LOSS_RTOL), (resumed, losses, expected)
+        resumed_lrs = {step: lr for step, lr in train_lrs(dirs[reference]).items() if step > 3}
+        assert weight_disagreements(final_weights(dirs[resumed]), final_weights(dirs[reference]), lrs=resumed_lrs,
+                                    weight_decay=WEIGHT_DECAY) == [], resumed
         checkpoints = dirs[resumed] / "checkpoints"
         assert (checkpoints / "global_step3_universal" / "complete.json").is_file()  # converted, committed
         assert (checkpoints / "global_step3" / "complete.json").is_file()  # the original kept
