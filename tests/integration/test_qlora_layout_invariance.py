@@ -2,18 +2,19 @@
 
 As tests/integration/test_layout_invariance.py does for full fine-tuning: a global batch of 4 instruction rows as
 4x1x1 (micro batch x accumulation x ranks) and 2x1x2, three optimizer steps at a high learning rate; the logged
-losses and the final weights (the adapter merged into the seeded 16-bit init, as final/ holds it after a random-init
-base) agree to 1e-5 relative. The 4-bit base is quantized on every rank from the same init, so every rank holds
-the same bytes. Marked slow (two launches): `make test-all`.
+losses and the trained adapter (final/adapter/, what the optimizer moved) agree within what fp32 reordering can move
+(train_worker.py: LOSS_RTOL, weight_disagreements). The 4-bit base is quantized on every rank from the same init, so
+every rank holds the same bytes. Marked slow (two launches): `make test-all`.
 """
 from __future__ import annotations
 
 import pytest
-from train_worker import final_weights, instruction_data, relative_difference, run_jobs, train_losses
+from safetensors.torch import load_file
+from train_worker import LOSS_RTOL, instruction_data, run_jobs, train_losses, train_lrs, weight_disagreements
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LR, STEPS, RTOL = 3e-3, 3, 1e-5
+LR, STEPS = 3e-3, 3
 LAYOUTS = {1: (4, 1), 2: (2, 1)}  # world size -> (micro batch, accumulation)
 
 
@@ -41,5 +42,7 @@ def test_qlora_losses_and_final_weights_do_not_depend_on_the_layout(qlora_layout
     reference, other = train_losses(qlora_layouts[1]), train_losses(qlora_layouts[2])
     assert sorted(reference) == sorted(other) == [1, 2, 3] and reference[3] < reference[1]  # it trained
     for step in (1, 2, 3):
-        assert other[step] == pytest.approx(reference[step], rel=RTOL), (other, reference)
-    assert relative_difference(final_weights(qlora_layouts[2]), final_weights(qlora_layouts[1])) < RTOL
+        assert other[step] == pytest.approx(reference[step], rel=LOSS_RTOL), (other, reference)
+    adapter = {world: load_file(qlora_layouts[world] / "final" / "adapter" / "adapter_model.safetensors")
+               for world in LAYOUTS}
+    assert weight_disagreements(adapter[2], adapter[1], lrs=train_lrs(qlora_layouts[1])) == []
