@@ -127,6 +127,18 @@ def test_the_adapter_loads_with_peft_onto_transformers_4bit_gptj_with_our_logits
     # tests/unit/model/test_parity.py do: the same tolerance.
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mine, ours.get_base_model()(input_ids=IDS).logits * 0)  # not trivially zero
+    # What launch/generate.py, predict.py and evaluate.py load from such a dir: the base quantized as recorded
+    # (base_quantization_config.json), the adapter unmerged: the same model, so the same logits.
+    from finetune.tools.predict import load_model_for_inference
+
+    loaded = load_model_for_inference(tmp_path / "adapter", task=task, dtype=torch.float32)
+    assert any(is_quantized_linear(m) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS, attention_mask=mask).logits, mine, atol=1e-5, rtol=1e-5)
+        sixteen_bit = load_model_for_inference(tmp_path / "adapter", task=task, dtype=torch.float32,
+                                               quantize_base=False)
+        assert not any(is_quantized_linear(m) for m in sixteen_bit.modules())
+        assert not torch.allclose(sixteen_bit(input_ids=IDS, attention_mask=mask).logits, mine, atol=1e-5, rtol=1e-5)
 
 
 def test_training_moves_only_the_adapter_through_the_4bit_base(checkpoint):
