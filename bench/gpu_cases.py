@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -183,12 +184,13 @@ def materialized(device, dtype):
 
 def build(impl: str, task: str, s: Shapes, *, device, dtype, zero3_config: Optional[dict] = None,
           checkpointing: bool = False, lora: bool = False, use_cache: bool = False,
-          model_overrides: Optional[dict] = None):
+          model_overrides: Optional[dict] = None, quantized: bool = False):
     """This project's GPT-J (`impl="ours"`) or transformers' (`"transformers"`, clm only) with random weights by name.
 
     `zero3_config`: build under deepspeed.zero.Init with that DeepSpeed config (each parameter partitioned as it is
     made); else materialized on `device`. `lora`: r 16 on every attention and MLP projection, through
     finetune.training.lora for ours and peft for transformers' (the head trained in full for cls/qa, as ours does).
+    `quantized` (QLoRA): the block linears then become 4-bit NF4 with double quantization, computing in `dtype`.
     """
     import torch
 
@@ -225,6 +227,8 @@ def build(impl: str, task: str, s: Shapes, *, device, dtype, zero3_config: Optio
                 if buffer is not None and buffer.device != torch.device(device):
                     module._buffers[key] = buffer.to(device)
     init_by_name(model, partitioned=zero3_config is not None)
+    if quantized:
+        quantize_base(model, impl, dtype)
     if checkpointing:
         if impl == "transformers":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -233,6 +237,37 @@ def build(impl: str, task: str, s: Shapes, *, device, dtype, zero3_config: Optio
     if lora:
         model = with_lora(model, impl, task)
     return model
+
+
+def quantize_base(model, impl: str, dtype) -> None:
+    """The block linears to 4-bit NF4 with double quantization, one layer at a time: ours through
+    finetune.model.quantized (what lora=qlora trains), transformers' the way bitsandbytes documents (a Linear4bit
+    holding the 16-bit weight, quantized when moved to its device), which is what BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) does to each layer it loads."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("the qlora case needs bitsandbytes, which this machine lacks; its wheel (~60 MiB with its "
+                         "CUDA libraries) does not fit the 64 MiB working tree bench/gpu_wheels.sh carries: install "
+                         "it there with pip where an index is reachable") from None
+    if impl != "transformers":
+        from finetune.model.quantized import NF4Settings, quantize_linears
+
+        quantize_linears(model, NF4Settings(compute_dtype=dtype))
+        return
+    for name, module in list(model.named_modules()):
+        if name.startswith("transformer.h.") and name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            device = module.weight.device
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", module=layer)
+            if module.bias is not None:
+                layer.bias = module.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to(device))  # quantizes on the move
+            del module
+    model.is_loaded_in_4bit = True  # as transformers' bitsandbytes loader sets it: peft's 4-bit LoRA layers
 
 
 def with_lora(model, impl: str, task: str):
@@ -302,7 +337,7 @@ class Pick:
 
 
 def pick_run(task: str, s: Shapes, *, config: str, lora: bool, offload: bool, cluster,
-             micro_batch: Optional[int] = None, checkpointing: Optional[bool] = None) -> Pick:
+             micro_batch: Optional[int] = None, checkpointing: Optional[bool] = None, quantized: bool = False) -> Pick:
     """Micro batch, activation checkpointing and (config="auto") the shipped DeepSpeed config, from the planner.
 
     The largest micro batch of BATCH_CANDIDATES that the planner says fits with the trainer's 10% margin without
@@ -320,7 +355,7 @@ def pick_run(task: str, s: Shapes, *, config: str, lora: bool, offload: bool, cl
     def run_shape(batch: int, ckpt: bool) -> RunShape:
         return RunShape(micro_batch_size=batch, seq_len=s.seq_len, precision=s.precision, activation_checkpointing=ckpt,
                         lora_rank=LORA_RANK if lora else None, lora_targets=ALL_TARGETS,
-                        lora_train_head=task != "clm", lora_dropout=LORA_DROPOUT)
+                        lora_train_head=task != "clm", lora_dropout=LORA_DROPOUT, quantized_base=quantized)
 
     def evaluate(batch: int, ckpt: bool) -> tuple[str, Any]:
         if config == "auto":
@@ -378,7 +413,7 @@ def setup(ctx: Context) -> None:
 
     versions = {}
     for name in ("torch", "deepspeed", "transformers", "peft", "datasets", "hydra-core", "omegaconf", "tokenizers",
-                 "safetensors", "pydantic", "huggingface-hub", "pyarrow", "fsspec"):
+                 "safetensors", "pydantic", "huggingface-hub", "pyarrow", "fsspec", "bitsandbytes"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -431,12 +466,13 @@ def setup(ctx: Context) -> None:
 def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_configs/zero3.json",
           offload: bool = False, lora: bool = False, model_overrides: Optional[dict] = None,
           inputs: Optional[Callable[[str, int, Shapes, Any], dict]] = None, profile: bool = False,
-          kind: str = "training", watch: Optional[str] = None) -> dict:
+          kind: str = "training", watch: Optional[str] = None, quantized: bool = False) -> dict:
     """Train `warmup + steps` steps of one implementation under one DeepSpeed config; record time, MFU and memory.
 
     A step that runs out of memory without activation checkpointing is retried once with it (time permitting),
     and the row says so. `inputs(task, micro_batch, shapes, device)` makes the batch (default: `make_inputs`);
     `watch`: a parameter-name substring whose trainable tensors must change in the steps (row["watched_changed"]).
+    `quantized` (QLoRA): a 4-bit NF4 base; the option gpu_memory_gb plans for a smaller card than this one.
     Returns the recorded row.
     """
     from finetune.distributed import init_distributed
@@ -451,8 +487,11 @@ def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_confi
     on_gpu = accel.device_name() != "cpu"
     s = ctx.shapes
     cluster = cluster_here()
+    if ctx.options.get("gpu_memory_gb"):
+        cluster = dataclasses.replace(cluster, gpu_memory_gb=float(ctx.options["gpu_memory_gb"]))
     pick = pick_run(task, s, config=config, lora=lora, offload=offload, cluster=cluster,
-                    micro_batch=ctx.options.get("micro_batch"), checkpointing=ctx.options.get("checkpointing"))
+                    micro_batch=ctx.options.get("micro_batch"), checkpointing=ctx.options.get("checkpointing"),
+                    quantized=quantized)
     pin = None
     if offload:
         # Pinned host buffers round up to powers of two (the planner's 50% slack): pin only when that fits the host.
@@ -462,7 +501,7 @@ def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_confi
     zero_stage = ds["zero_optimization"].get("stage", 0)
     row: dict[str, Any] = {
         "impl": impl, "task": task, "config": pick.config_file, "zero_stage": zero_stage, "offload": offload,
-        "pin_memory": pin, "lora": lora, "micro_batch": pick.micro_batch, "seq_len": s.seq_len,
+        "pin_memory": pin, "lora": lora, "quantized": quantized, "micro_batch": pick.micro_batch, "seq_len": s.seq_len,
         "precision": s.precision,
         "checkpointing": pick.checkpointing, "why": pick.why, "device": accel.device_name(),
         "estimate_bytes": pick.estimate.gpu_bytes - CUDA_CONTEXT_BYTES,
@@ -480,7 +519,7 @@ def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_confi
         t0 = time.perf_counter()
         model = build(impl, task, s, device=accel.current_device_name(), dtype=s.dtype,
                       zero3_config=ds if zero_stage == 3 else None, checkpointing=checkpointing, lora=lora,
-                      model_overrides=model_overrides)
+                      model_overrides=model_overrides, quantized=quantized)
         row["trainable_params"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         engine = initialize(model, ds, weight_decay=0.0)
         engine.train()
@@ -512,7 +551,7 @@ def train(ctx: Context, *, impl: str, task: str = "clm", config: str = "ds_confi
         checkpointing = True
         # The planner's figure for what runs now (same DeepSpeed JSON, with checkpointing).
         pick = pick_run(task, s, config=pick.config_file, lora=lora, offload=offload, cluster=cluster,
-                        micro_batch=pick.micro_batch, checkpointing=True)
+                        micro_batch=pick.micro_batch, checkpointing=True, quantized=quantized)
         row.update(estimate_bytes=pick.estimate.gpu_bytes - CUDA_CONTEXT_BYTES,
                    estimate_cpu_bytes=pick.estimate.cpu_bytes,
                    why=row["why"] + "; retried with activation checkpointing after running out of memory")
@@ -689,6 +728,10 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("lora", "LoRA r16 on attention and MLP projections, config as deepspeed=auto picks",
          (Run("ours", train, dict(impl="ours", config="auto", lora=True, profile=True)),
           Run("transformers", train, dict(impl="transformers", config="auto", lora=True))), timeout_s=100),
+    Case("qlora", "QLoRA: 4-bit NF4 base (double quantization), LoRA r16 on all six linears, planned for a 16 GB card",
+         (Run("ours", train, dict(impl="ours", config="auto", lora=True, quantized=True)),
+          Run("transformers", train, dict(impl="transformers", config="auto", lora=True, quantized=True))),
+         timeout_s=100, options={"gpu_memory_gb": 16}),
     Case("generate", "logit parity; greedy generation with KV cache vs transformers' generate()",
          (Run("both", generation),), timeout_s=80),
     Case("heads", "cls and qa heads: one LoRA step each at full shapes",

@@ -163,6 +163,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 LOGGER_BACKENDS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 LOSS_NORMALIZATIONS = ("global_batch", "micro_batch")
+QUANTIZED_BASES = (None, "nf4")  # lora.quantize_base
 
 
 @dataclass
@@ -249,6 +250,13 @@ class LoraConfig:
     train_head: Optional[bool] = None
     # Also write merged full weights into final/ (next to the adapter), loadable without peft.
     merge_into_final: bool = False
+    # QLoRA (lora=qlora): nf4 stores the frozen base's block linears in 4 bits (bitsandbytes NF4, double
+    # quantization), computing in trainer.precision; null keeps the base in model.dtype.
+    quantize_base: Optional[str] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize_base is not None
 
     def trains_head(self, task: str) -> bool:
         return self.train_head if self.train_head is not None else task != "clm"
@@ -396,6 +404,8 @@ def validate(run: RunConfig) -> None:
         _require(run.lora.r >= 1, "lora.r", run.lora.r, "the LoRA rank must be at least 1 (8 or 16 are common).")
         _require(run.lora.alpha > 0, "lora.alpha", run.lora.alpha, "use a positive scale, commonly 2 * lora.r.")
         _require(0 <= run.lora.dropout < 1, "lora.dropout", run.lora.dropout, "use a probability in [0, 1).")
+        _require(run.lora.quantize_base in QUANTIZED_BASES, "lora.quantize_base", run.lora.quantize_base,
+                 "use nf4 (QLoRA's 4-bit NormalFloat: lora=qlora) or null for a 16-bit base (lora=lora).")
     _require(lg.backend in LOGGER_BACKENDS, "logger.backend", lg.backend, "use logger=wandb or logger=none.")
     _require(lg.mode in WANDB_MODES, "logger.mode", lg.mode, f"use one of {', '.join(WANDB_MODES)}.")
     _require(run.data.max_seq_len >= 8, "data.max_seq_len", run.data.max_seq_len, "use at least 8 tokens.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -98,11 +99,13 @@ def build_training_model(
     """
     import deepspeed
 
-    from finetune.builders import loss_chunk_tokens, torch_dtype
+    from finetune.builders import torch_dtype
     from finetune.model.hf_weights import load_state_into, resolve_model_dir
 
     dtype = torch_dtype(run.model.dtype)
     partitioned = zero_stage(ds_config) == 3
+    if run.lora.quantized:
+        return _quantized_training_model(run, config, dtype=dtype)
     if partitioned:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(config, task=run.task, init=False)
@@ -121,15 +124,66 @@ def build_training_model(
                     init_module_weights(module, config.initializer_range)
         if not partitioned:
             model = model.to(dtype)
+    return _for_training(model, run, config)
+
+
+def _for_training(model: GPTJPreTrainedModel, run: RunConfig, config: GPTJConfig) -> GPTJPreTrainedModel:
+    from finetune.builders import loss_chunk_tokens
+
     model.gradient_checkpointing_enable(run.model.gradient_checkpointing)
     if run.task == "clm":
         model.loss_chunk_tokens = loss_chunk_tokens(run.model, config)
     return model
 
 
+def _quantized_training_model(run: RunConfig, config: GPTJConfig, *, dtype: torch.dtype) -> GPTJPreTrainedModel:
+    """lora=qlora: the base with its block linears in 4-bit NF4, computing in trainer.precision. From model.path
+    each weight is quantized as it is read (the 16-bit model is never whole in memory); a random init is drawn
+    as for lora=lora (same seed, same numbers) and then quantized layer by layer."""
+    from finetune.builders import torch_dtype
+    from finetune.model.hf_weights import resolve_model_dir
+    from finetune.model.quantized import NF4Settings, load_quantized_into, quantize_linears
+
+    from deepspeed.accelerator import get_accelerator
+
+    settings = NF4Settings(compute_dtype=torch_dtype(run.trainer.precision))
+    if run.model.path is not None:
+        model = build_model(config, task=run.task, device="meta", init=False)
+        # Straight onto this rank's accelerator, where DeepSpeed would move it: a GPU quantizes GPT-J 6B in seconds.
+        load_quantized_into(model, resolve_model_dir(run.model.path), dtype=dtype, settings=settings,
+                            device=get_accelerator().current_device_name())
+    else:
+        model = quantize_linears(original_base_model(run, config), settings)
+    return _for_training(model, run, config)
+
+
+def original_base_model(run: RunConfig, config: GPTJConfig) -> GPTJPreTrainedModel:
+    """The base model in model.dtype, unquantized and not ZeRO-partitioned: model.path's weights or the seeded
+    random init (the numbers build_training_model draws). QLoRA merges its adapter into these weights."""
+    from finetune.builders import torch_dtype
+    from finetune.model.hf_weights import load_state_into, resolve_model_dir
+
+    dtype = torch_dtype(run.model.dtype)
+    if run.model.path is not None:
+        model = build_model(config, task=run.task, device="meta", init=False)
+        load_state_into(model, resolve_model_dir(run.model.path), dtype=dtype)
+        return model
+    model = build_model(config, task=run.task, init=False)
+    torch.manual_seed(run.trainer.seed)
+    for module in model.modules():  # the order of model.init_weights(), as in build_training_model
+        if list(module.parameters(recurse=False)):
+            init_module_weights(module, config.initializer_range)
+    return model.to(dtype)
+
+
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
-    # ZeRO-3 partitioned parameters keep their full size in ds_numel.
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+    # ZeRO-3 partitioned parameters keep their full size in ds_numel, 4-bit ones (packed 2 per byte) in their
+    # quantization state's shape.
+    def numel(p: torch.nn.Parameter) -> int:
+        state = getattr(p, "quant_state", None)
+        return math.prod(state.shape) if state is not None else getattr(p, "ds_numel", p.numel())
+
+    return sum(numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJTokenizer, info: DistInfo,
@@ -172,7 +226,13 @@ def export_final(engine, *, run: RunConfig, config: GPTJConfig, tokenizer: GPTJT
     adapter_staging = run_dir / ".final.adapter.staging"
     shutil.rmtree(adapter_staging, ignore_errors=True)
     write_adapter(adapter_staging)  # before merging: merged_state_dict consumes `state`
-    merged = merged_state_dict(dict(state), run.lora)
+    if run.lora.quantized:  # into the original 16-bit weights, not the 4-bit ones trained on
+        from finetune.training.lora import merged_quantized_state_dict
+
+        original = original_base_model(run, config).state_dict()
+        merged = merged_quantized_state_dict(dict(state), original, run.lora)
+    else:
+        merged = merged_state_dict(dict(state), run.lora)
 
     def add_tokenizer_and_adapter(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
@@ -200,6 +260,10 @@ def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Pa
 
     if run.deepspeed.config_file != "auto":
         base, source = load_ds_json(run.deepspeed.config_file)
+        if run.lora.enabled:
+            from finetune.training.lora import refuse_partitioned_quantized_base
+
+            refuse_partitioned_quantized_base(run.lora, zero_stage(base), source=source)
         if run.deepspeed.check_memory:
             memory_choice.check_memory(run, model_config(run, {}), base, source=source, is_main=is_main)
         return base, source

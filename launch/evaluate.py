@@ -32,6 +32,7 @@ from finetune.model.hf_weights import load_state_into, read_config, resolve_mode
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
 from finetune.tasks import Task, get_task  # noqa: E402
 from finetune.tools.predict import is_adapter_dir, load_model_for_inference, memory_check  # noqa: E402
+from finetune.training.lora import base_quantization  # noqa: E402
 from finetune.training.evaluation import evaluate, write_eval_results  # noqa: E402
 from launch.train import strip_launcher_args  # noqa: E402
 
@@ -69,8 +70,10 @@ def refuse_if_too_big(model_dir: Path, *, task: str, dtype_name: str, zero3: boo
 
 
 def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool, micro_batch_size: int,
-                     world_size: int, base_model: Optional[str], check_memory: bool = True):
-    """A DeepSpeed engine without optimizer: ZeRO-3 (weights partitioned over ranks) or stage 0 (whole model)."""
+                     world_size: int, base_model: Optional[str], check_memory: bool = True,
+                     quantize_base: Optional[bool] = None):
+    """A DeepSpeed engine without optimizer: ZeRO-3 (weights partitioned over ranks) or stage 0 (whole model).
+    A QLoRA adapter's 4-bit base is replicated: stage 0 (ZeRO-3 cannot partition 4-bit weights)."""
     import deepspeed
 
     ds_config: dict[str, Any] = {
@@ -89,7 +92,9 @@ def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool
         load_state_into(model, model_dir)
     else:  # an adapter is merged into its base on every rank first; deepspeed.initialize then partitions it
         model = load_model_for_inference(model_dir, task=task, dtype=dtype, base_model=base_model,
-                                         check_memory=check_memory)
+                                         check_memory=check_memory, quantize_base=quantize_base)
+        if base_quantization(model) is not None:
+            ds_config["zero_optimization"]["stage"] = 0
     if task == "clm":  # the evaluation loss chunk by chunk: no (tokens x vocab) logits
         model.loss_chunk_tokens = default_chunk_tokens(model.config.vocab_size)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
@@ -142,7 +147,9 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"The {cfg.eval.split} split is empty; set data.validation_file (or data.validation_fraction).")
         engine = inference_engine(model_dir, task=task.name, dtype_name=cfg.model.dtype, zero3=zero3,
                                   micro_batch_size=cfg.eval.micro_batch_size, world_size=info.world_size,
-                                  base_model=cfg.base_model, check_memory=cfg.check_memory)
+                                  base_model=cfg.base_model, check_memory=cfg.check_memory,
+                                  quantize_base=cfg.get("quantize_base"))
+        zero3 = engine.zero_optimization_partition_weights()
         check_labels(task, engine.module.config, data)
         metrics = evaluate(engine, task, data, data_cfg, task.collator(tokenizer, data_cfg), info=info,
                            micro_batch_size=cfg.eval.micro_batch_size)

@@ -3,6 +3,7 @@
     python launch/generate.py model=gptj-6b model.path=DIR model.dtype=bf16 prompt="In a shocking finding, ..." \
         generation.do_sample=true generation.temperature=0.9 generation.max_length=100
     python launch/generate.py model=tiny prompt='["first prompt","second, with a comma"]' generation.max_new_tokens=5
+    python launch/generate.py model.path=outputs/my-run/final model.dtype=bf16   # a (Q)LoRA adapter on its base
 
 A single `prompt=...` needs no Hydra quoting (commas, quotes and `${` are taken literally); a list does.
 """
@@ -24,7 +25,7 @@ from finetune.config import ConfigError, GenerationConfig, ModelConfig, to_typed
 from finetune.model.generation import generate_text  # noqa: E402
 from finetune.model.hf_weights import resolve_model_dir  # noqa: E402
 from finetune.model.tokenizer import GPTJTokenizer  # noqa: E402
-from finetune.tools.predict import memory_check  # noqa: E402
+from finetune.tools.predict import is_adapter_dir, load_model_for_inference, memory_check  # noqa: E402
 
 SEPARATOR = "-" * 80
 
@@ -61,9 +62,14 @@ def main(cfg: DictConfig) -> None:
 
     # The seed also fixes a random-init model (model.path unset), so the whole output is reproducible.
     torch.manual_seed(generation_cfg.seed)
-    check = memory_check(task="clm", dtype=torch_dtype(model_cfg.dtype), device=device,
-                         source=model_cfg.path or f"model={model_cfg.name}") if cfg.check_memory else None
-    model = build_model_from_config(model_cfg, task="clm", device=device, check=check)
+    if model_cfg.path is not None and is_adapter_dir(resolve_model_dir(model_cfg.path)):  # a (Q)LoRA run's final/
+        model = load_model_for_inference(model_cfg.path, task="clm", dtype=torch_dtype(model_cfg.dtype), device=device,
+                                         base_model=cfg.get("base_model"), quantize_base=cfg.get("quantize_base"),
+                                         check_memory=cfg.check_memory)
+    else:
+        check = memory_check(task="clm", dtype=torch_dtype(model_cfg.dtype), device=device,
+                             source=model_cfg.path or f"model={model_cfg.name}") if cfg.check_memory else None
+        model = build_model_from_config(model_cfg, task="clm", device=device, check=check)
     # A checkpoint dir carries its tokenizer; elsewhere (random init) the bundled GPT-J tokenizer is the one.
     tokenizer = GPTJTokenizer.from_pretrained(resolve_model_dir(model_cfg.path) if model_cfg.path else None)
     tokenizer.check_fits(model.config.vocab_size)

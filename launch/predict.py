@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
     check_columns(rows, task, data_cfg, input_name=cfg.input)
     check_output(Path(cfg.output).expanduser())  # never appends to (or cuts) a file that is not predictions
     model = load_model_for_inference(cfg.model.path, task=task, dtype=dtype, device=device, base_model=cfg.base_model,
-                                     check_memory=cfg.check_memory)
+                                     check_memory=cfg.check_memory, quantize_base=cfg.get("quantize_base"))
     tokenizer = GPTJTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
     tokenizer.check_fits(model.config.vocab_size)
     predict = make_predictor(task, model, tokenizer, data_cfg, generation=generation, input_name=cfg.input)

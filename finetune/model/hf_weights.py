@@ -332,6 +332,7 @@ def load_state_into(
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str | None = None,
     mapped: bool = False,
+    materialize: Optional[Callable[[str, torch.Tensor, nn.Parameter], nn.Parameter]] = None,
 ) -> LoadReport:
     """Copy a checkpoint's tensors into `model`, one tensor at a time.
 
@@ -344,6 +345,8 @@ def load_state_into(
     in the dtype zero.Init gave them; call it before `deepspeed.initialize`, which copies the partitions
     into the optimizer's master weights. Head weights the checkpoint lacks (or has in another shape, e.g. a
     new num_labels) are initialized fresh; missing or misshaped backbone tensors raise CheckpointError.
+    `materialize(name, tensor, placeholder)` turns each tensor read into the parameter that replaces the
+    placeholder (default: a plain nn.Parameter); finetune.model.quantized uses it to quantize while loading.
     """
     model_dir = Path(model_dir)
     reader = _CheckpointReader(model_dir)
@@ -388,7 +391,9 @@ def load_state_into(
             target_device = torch.device(device) if device is not None else (
                 torch.device("cpu") if param.is_meta else param.device)
             tensor = reader.read(key_of[name], dtype=dtype or param.dtype, device=target_device, mapped=mapped)
-            new = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            new = (materialize(name, tensor, param) if materialize is not None
+                   else nn.Parameter(tensor, requires_grad=param.requires_grad))
+            del tensor  # a quantized `new` does not hold it: one 16-bit tensor alive at a time
             for module, attr in holders:
                 module._parameters[attr] = new
         report.loaded.append(name)

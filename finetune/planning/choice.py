@@ -113,6 +113,7 @@ def run_shape(run: RunConfig) -> RunShape:
         lora_rank=run.lora.r if run.lora.enabled else None,
         lora_targets=LORA_TARGETS if targets in (("all-linear",), ("all",)) else targets,
         lora_dropout=run.lora.dropout,
+        quantized_base=run.lora.enabled and run.lora.quantized,
         lora_train_head=run.lora.trains_head(run.task),  # a trained head is held twice under peft
         chunked_loss=run.model.chunked_loss,
         loss_chunk_tokens=run.model.loss_chunk_tokens,

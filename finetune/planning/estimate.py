@@ -7,7 +7,7 @@ option; `plan` tries every option, fastest first, and recommends the fastest tha
 
 Every figure is a line item with its formula, in these symbols:
   P  all parameters held (base model, plus LoRA adapters and head copies under LoRA)
-  Pt trainable parameters                  N  data-parallel GPUs (nodes x g), g GPUs per node
+  Pt trainable parameters   Pq parameters held in 4-bit NF4 (lora=qlora)   N  data-parallel GPUs (nodes x g), g GPUs per node
   b  bytes per weight / activation element (2 for bf16 and fp16, 4 for fp32)
   B  micro batch   S  sequence length   L  layers   d  width   f  MLP width   V  vocabulary   h  heads
 Bytes follow DeepSpeed's own allocations (read from its ZeRO optimizers, 0.19); "GB" in inputs is GiB.
@@ -44,6 +44,11 @@ MIN_SWAP_BYTES = 2**20
 # Autograd keeps these many (B, S, f)-sized tensors for the MLP's activation: fc_in's output and three
 # intermediates of the elementwise tanh-GELU ("gelu_new", written out as in HF for parity).
 GELU_SAVED_TENSORS = 4
+
+# NF4 with double quantization (bitsandbytes, QLoRA): 4 bits per weight, one 8-bit absmax per block of 64 weights,
+# one fp32 absmax per 256 of those blocks; the two code tables (16 and 256 fp32 values per layer) are negligible.
+NF4_BLOCK, NF4_BLOCKS_PER_CONSTANT = 64, 256
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCKS_PER_CONSTANT)
 
 HEADS = ("clm", "cls", "qa")
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -98,6 +103,8 @@ class RunShape:
     # keeps the frozen original and a trainable copy).
     lora_train_head: bool = True
     lora_dropout: float = 0.05  # > 0: each target keeps its dropped-out input and the mask for backward
+    # QLoRA (lora=qlora): the block linears of the frozen base held in 4-bit NF4 with double quantization.
+    quantized_base: bool = False
     # Causal LM: the loss chunk by chunk over tokens (model.chunked_loss), loss_chunk_tokens per chunk (None: chosen
     # from the vocabulary, finetune.model.chunked_loss.default_chunk_tokens). False: full fp32 logits, as transformers.
     chunked_loss: bool = False
@@ -112,6 +119,8 @@ class RunShape:
             )
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ConfigError(f"model.loss_chunk_tokens is {self.loss_chunk_tokens}; use a positive number of tokens.")
+        if self.quantized_base and self.lora_rank is None:
+            raise ConfigError("lora.quantize_base needs LoRA adapters (lora=qlora): a 4-bit base cannot be trained.")
         if self.lora_rank is not None:
             if self.lora_rank < 1:
                 raise ConfigError(f"lora.r is {self.lora_rank}; use a positive rank, or null for full fine-tuning.")
@@ -264,6 +273,7 @@ class ParamTensor:
     module: str  # the module that owns it (ZeRO-3 gathers per module)
     numel: int
     trainable: bool
+    quantized: bool = False  # a 4-bit NF4 weight (lora=qlora's base linears)
 
 
 def parameter_tensors(shape: ModelShape, run: Optional[RunShape] = None) -> list[ParamTensor]:
@@ -290,7 +300,7 @@ def parameter_tensors(shape: ModelShape, run: Optional[RunShape] = None) -> list
         out += [ParamTensor(f"{block}.ln_1", d, full), ParamTensor(f"{block}.ln_1", d, full)]
         for name, (path, n_in, n_out, bias) in linears.items():
             module = f"{block}.{path}"
-            out.append(ParamTensor(module, n_in * n_out, full))
+            out.append(ParamTensor(module, n_in * n_out, full, quantized=lora and run.quantized_base))
             if bias:
                 out.append(ParamTensor(module, n_out, full))
             if lora and name in run.lora_targets:
@@ -438,7 +448,20 @@ def estimate(
 
     # Parameters: whole on every GPU below stage 3; one 1/N partition per rank at stage 3.
     swapped = 0  # parameter elements per rank on NVMe
-    if stage < 3:
+    Pq = sum(t.numel for t in tensors if t.quantized)
+    if Pq and stage == 3:
+        raise ConfigError(
+            "A 4-bit base (lora=qlora) cannot be partitioned by ZeRO-3; plan it with ZeRO stage 0-2, where it is "
+            "replicated on every GPU.")
+    if Pq:
+        place("parameters (not quantized)", "gpu", b * (P - Pq), "b·(P - Pq)")
+        place("parameters (4-bit NF4 base linears + constants)", "gpu", NF4_BYTES_PER_WEIGHT * Pq,
+              f"{NF4_BYTES_PER_WEIGHT:.4f}·Pq")
+        largest_q = max(t.numel for t in tensors if t.quantized)
+        # Each 4-bit matmul dequantizes its weight to the compute dtype, in forward and again in backward.
+        add("dequantized weight of one 4-bit linear", "gpu", "forward_backward", "buffers", b * largest_q,
+            "b·largest quantized linear (d·f)")
+    elif stage < 3:
         place("parameters", "gpu", b * P, "b·P")
     elif par_dev == "nvme":
         # DeepSpeed keeps partitions under 1 MiB, and the first max_in_cpu elements, in host memory.
@@ -498,7 +521,12 @@ def estimate(
     if on_gpus:
         add("pinned-allocation slack", "cpu", "persistent", "overhead", PINNED_SLACK * pinned,
             "0.5 x pinned host bytes")
-    if stage < 3:
+    if Pq:
+        # Quantized while loading: the 4-bit model builds up on the host, one 16-bit tensor read at a time.
+        add("model load (4-bit while loading, one 16-bit tensor at a time)", "cpu", "load", "buffers",
+            g * (b * (P - Pq) + NF4_BYTES_PER_WEIGHT * Pq + b * max(t.numel for t in tensors)),
+            f"g x (b·(P - Pq) + {NF4_BYTES_PER_WEIGHT:.4f}·Pq + b·max tensor)")
+    elif stage < 3:
         add("model load (whole model on each rank's host)", "cpu", "load", "buffers", g * b * P, "g x b·P")
     else:
         biggest = max(t.numel for t in tensors)
@@ -709,6 +737,8 @@ def plan(
             return buffers
         return buffers.get(option, buffers.get(option.stage, ZeroBuffers()))
 
+    if run.quantized_base:  # a 4-bit base is replicated: ZeRO-3 cannot partition it (finetune.training.lora)
+        options = [o for o in options if o.stage < 3]
     estimates = tuple(estimate(shape, run, cluster, o, buffers=option_buffers(o)) for o in options)
     recommended = next((e for e in estimates if e.margin >= margin), None)
     return Plan(shape, run, cluster, margin, estimates, recommended, _reason(estimates, recommended, margin, cluster))
@@ -748,6 +778,8 @@ def format_table(plan: Plan) -> str:
     s, r, c = plan.shape, plan.run, plan.cluster
     P, Pt = stored_parameters(s, r), trainable_parameters(s, r)
     lora = f"LoRA r={r.lora_rank} on {','.join(r.lora_targets)}" if r.lora else "full fine-tuning"
+    if r.quantized_base:
+        lora = "Q" + lora + ", base linears in 4-bit NF4; ZeRO-3 not possible"
     lines = [
         f"Model: GPT-J L={s.n_layer} d={s.n_embd} f={s.inner} h={s.n_head} V={s.vocab_size}, head {s.head}; "
         f"P={P:,} parameters, Pt={Pt:,} trainable ({lora})",

@@ -397,28 +397,42 @@ def export_checkpoint(
     if not is_lora_state(state):
         save_pretrained(state, out_dir, config=run.config, task=run.task, dtype=target_dtype,
                         max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained,
-                        private=private)
+                    private=private)
         return Path(out_dir)
     if run.lora is None:
         raise ConfigError(
             f"{location.path} holds a LoRA model but its run dir records no LoRA settings (final/{ADAPTER_CONFIG} or "
             "the lora section of .hydra/config.yaml); export needs lora.r and lora.alpha to merge."
         )
+    quantized = drop_4bit_base(state)
     if not merge_lora:
         return _export_adapter(state, out_dir, run=run, tokenizer=tokenizer, dtype=target_dtype, overwrite=overwrite,
-                               private=private)
+                               private=private, quantized_base=quantized)
     from finetune.training.lora import merged_state_dict
 
-    _fill_base_weights(state, run, base_model=base_model)
+    _fill_base_weights(state, run, base_model=base_model)  # a QLoRA base: its original 16-bit weights
     merged = merged_state_dict(state, run.lora)
     save_pretrained(merged, out_dir, config=run.config, task=run.task, dtype=target_dtype,
                     max_shard_size=max_shard_size, overwrite=overwrite, extra_writer=tokenizer.save_pretrained,
-                        private=private)
+                    private=private)
     return Path(out_dir)
 
 
+def drop_4bit_base(state: dict[str, Any]) -> bool:
+    """Remove a QLoRA checkpoint's 4-bit base weights and their quantization constants from `state`; whether there
+    were any. Merged exports then take the base's original 16-bit weights from the base model, as final/ does
+    (docs/lora.md, "Merging"), never the 4-bit ones."""
+    # Packed 4-bit weights are integer tensors (ZeRO consolidation keeps them, without their constants).
+    four_bit = [key for key, value in state.items() if key.endswith(".base_layer.weight")
+                and not getattr(value, "dtype", torch.float32).is_floating_point]
+    for weight in four_bit:
+        for key in [k for k in state if k == weight or k.startswith(f"{weight}.")]:
+            del state[key]
+    return bool(four_bit)
+
+
 def _export_adapter(state: dict[str, Any], out_dir: str | Path, *, run: RunDescription, tokenizer: GPTJTokenizer,
-                    dtype: torch.dtype, overwrite: bool, private: bool) -> Path:
+                    dtype: torch.dtype, overwrite: bool, private: bool, quantized_base: bool = False) -> Path:
     """peft's adapter files (LoRA A/B and the trained head) + tokenizer, published by one swap."""
     from finetune.training.lora import save_adapter
 
@@ -436,6 +450,12 @@ def _export_adapter(state: dict[str, Any], out_dir: str | Path, *, run: RunDescr
     try:
         save_adapter(_peft_skeleton(run.config, run.task, run.lora), staging, gathered_state_dict=adapter_state,
                      base_model_name_or_path=run.base_model)
+        if quantized_base:  # what tools read to quantize the base as trained (finetune.tools.predict)
+            from finetune.model.quantized import BASE_QUANTIZATION_FILE
+
+            record = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                      "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")}
+            (staging / BASE_QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
         tokenizer.save_pretrained(staging)
         publish_dir(staging, out_dir, private=private)
     except BaseException:

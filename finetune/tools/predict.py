@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 import datasets
 import torch
 
+from finetune.model.quantized import BASE_QUANTIZATION_FILE  # noqa: I001 -- before peft, which imports bitsandbytes
 from finetune.config import ConfigError, DataConfig, GenerationConfig
 from finetune.files import PRIVATE_FILE_MODE
 from finetune.model import GPTJConfig, GPTJPreTrainedModel
@@ -52,6 +53,7 @@ def load_model_for_inference(
     device: torch.device | str = "cpu",
     base_model: Optional[str] = None,
     check_memory: bool = True,
+    quantize_base: Optional[bool] = None,
 ) -> GPTJPreTrainedModel:
     """The model at `path` in eval mode: full weights, or a LoRA adapter merged into its base.
 
@@ -59,6 +61,9 @@ def load_model_for_inference(
     The head comes from the adapter (it is trained in full); a config.json next to the adapter supplies its
     labels (id2label), else they are LABEL_i. With `check_memory`, a model whose weights cannot fit `device`
     is refused before it is built (finetune.planning.inference).
+    A QLoRA adapter (base_quantization_config.json next to it) gets its base quantized to 4-bit NF4 as in
+    training, computing in `dtype`, with the adapter applied unmerged (merging into 4-bit weights would round
+    the sum to 4 bits); `quantize_base` True/False forces either way (False: a 16-bit base, adapter merged).
     """
     model_dir = resolve_model_dir(path)
     if not is_adapter_dir(model_dir):
@@ -84,15 +89,23 @@ def load_model_for_inference(
             head = [k for k in f.keys() if f".{HEAD_NAMES[task]}." in k and k.endswith(".weight")]
             if head:
                 overrides["num_labels"] = f.get_slice(head[0]).get_shape()[0]
+    if quantize_base is None:
+        quantize_base = (model_dir / BASE_QUANTIZATION_FILE).is_file()
     try:
-        # The base is loaded and merged in fp32 on the CPU, then moved: both must fit.
-        def check(config: GPTJConfig) -> None:
-            if check_memory:
-                base_source = f"{base} (the base of {path})"
-                memory_check(task=task, dtype=torch.float32, device="cpu", source=base_source)(config)
-                memory_check(task=task, dtype=dtype, device=device, source=str(path))(config)
+        if quantize_base:  # the 4-bit base is a fraction of what the 16-bit check counts: not refused by it
+            from finetune.model.quantized import load_pretrained_quantized
 
-        model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None, check=check)
+            model = load_pretrained_quantized(base, task=task, dtype=dtype, config_overrides=overrides or None)
+        else:
+            # The base is loaded and merged in fp32 on the CPU, then moved: both must fit.
+            def check(config: GPTJConfig) -> None:
+                if check_memory:
+                    base_source = f"{base} (the base of {path})"
+                    memory_check(task=task, dtype=torch.float32, device="cpu", source=base_source)(config)
+                    memory_check(task=task, dtype=dtype, device=device, source=str(path))(config)
+
+            model = load_pretrained(base, task=task, dtype=torch.float32, config_overrides=overrides or None,
+                                    check=check)
     except CheckpointError as err:
         raise CheckpointError(
             f"The base model of the LoRA adapter in {model_dir} could not be loaded: {err} Pass base_model=DIR to "
@@ -100,7 +113,10 @@ def load_model_for_inference(
         ) from None
     # A plain PeftModel: the PeftModelFor<task> wrappers expect transformers' generation API.
     adapter_config.task_type = None
-    merged = peft.PeftModel.from_pretrained(model, str(model_dir), config=adapter_config).merge_and_unload()
+    with_adapter = peft.PeftModel.from_pretrained(model, str(model_dir), config=adapter_config)
+    if quantize_base:  # the LoRA layers stay in the model itself; .to(dtype) would cast the packed 4-bit bytes
+        return with_adapter.get_base_model().to(device=device).eval()
+    merged = with_adapter.merge_and_unload()
     return merged.to(device=device, dtype=dtype).eval()
 
 

@@ -11,13 +11,16 @@ so all ranks start from the same adapter (tests/integration/test_lora_zero.py ru
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Optional
 
-import peft
 import torch
 from torch import nn
 
+from finetune.model.quantized import BASE_QUANTIZATION_FILE  # noqa: I001 -- before peft, which imports bitsandbytes
+
+import peft
 from finetune.config import ConfigError, LoraConfig
 from finetune.model import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification, GPTJPreTrainedModel
 
@@ -114,7 +117,22 @@ def save_adapter(
         )
     finally:
         peft_cfg.task_type, peft_cfg.base_model_name_or_path = saved
+    record = base_quantization(model)
+    if record is not None:
+        (out_dir / BASE_QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+def base_quantization(model: nn.Module) -> Optional[dict]:
+    """A 4-bit base's settings as transformers' BitsAndBytesConfig keyword arguments (None: a 16-bit base)."""
+    from finetune.model.quantized import is_quantized_linear
+
+    layer = next((m for m in model.modules() if is_quantized_linear(m)), None)
+    if layer is None:
+        return None
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": layer.weight.quant_type,
+            "bnb_4bit_use_double_quant": bool(layer.weight.compress_statistics),
+            "bnb_4bit_compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
 
 
 def merge_lora(model: peft.PeftModel) -> GPTJPreTrainedModel:
@@ -160,3 +178,47 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_cfg: LoraConfig)
             merged[key.replace(".base_layer.", ".")] = plain.pop(key)
     return merged
 
+
+
+# --- QLoRA (lora=qlora): a 4-bit base ---------------------------------------------------------------------
+QLORA_DEEPSPEED = ("none", "zero2", "auto")  # conf/deepspeed options that train a 4-bit base
+
+
+def refuse_partitioned_quantized_base(cfg: LoraConfig, stage: int, *, source: str) -> None:
+    """ZeRO-3 cannot hold a 4-bit base: refuse it before anything is built (ConfigError naming what works)."""
+    if cfg.quantized and stage == 3:
+        raise ConfigError(
+            f"lora=qlora (lora.quantize_base={cfg.quantize_base}) does not run under ZeRO-3 ({source}): ZeRO-3 "
+            "partitions every parameter into flat 16-bit buffers and gathers it back as a plain tensor, which loses "
+            "the 4-bit weights' quantization state (bitsandbytes keeps it on the parameter object, and DeepSpeed's "
+            "zero.Init cannot quantize while it partitions). A 4-bit GPT-J 6B base is 3.8 GB, so it is replicated "
+            "on every GPU instead while ZeRO shards the adapters' optimizer states: use deepspeed=zero2, "
+            "deepspeed=none or deepspeed=auto with lora=qlora, or lora=lora (16-bit base) to keep ZeRO-3."
+        )
+
+
+def merged_quantized_state_dict(trained: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
+                                lora_cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """QLoRA: a plain GPT-J state dict with the adapter merged into the base's ORIGINAL 16-bit weights.
+
+    `trained` is the PeftModel's state dict (its base linears 4-bit: only its adapter and head copy are used),
+    `original` the plain state dict of the 16-bit base the run quantized (model.path's weights or the seeded
+    init). Merging into the dequantized 4-bit weights instead would bake NF4's rounding error into every
+    weight of a model that no longer needs to be 4-bit. Both inputs are emptied as read.
+    """
+    adapter = {k: v for k, v in trained.items() if ".lora_" in k or ".modules_to_save." in k}
+    trained.clear()
+    heads_trained = {k.split(".modules_to_save.")[0].removeprefix(PEFT_PREFIX) for k in adapter
+                     if ".modules_to_save." in k}
+    state: dict[str, torch.Tensor] = {}
+    for key in list(original):
+        module, _, leaf = key.rpartition(".")
+        value = original.pop(key)
+        if module in heads_trained:
+            continue  # replaced by its trained copy
+        if f"{PEFT_PREFIX}{module}.lora_A.{ADAPTER_NAME}.weight" in adapter:
+            state[f"{PEFT_PREFIX}{module}.base_layer.{leaf}"] = value
+        else:
+            state[PEFT_PREFIX + key] = value
+    state.update(adapter)
+    return merged_state_dict(state, lora_cfg)

@@ -74,7 +74,9 @@ def model_signature(config: Any, *, task: str, lora: LoraConfig) -> dict[str, An
     if task == "cls":
         signature["num_labels"] = config.num_labels
     signature["lora"] = (
-        {"r": lora.r, "target_modules": sorted(lora.target_modules), "train_head": lora.trains_head(task)}
+        {"r": lora.r, "target_modules": sorted(lora.target_modules), "train_head": lora.trains_head(task),
+         # a 4-bit base's packed weights cannot load into a 16-bit one (nor back); absent for lora=lora, as before
+         **({"quantize_base": lora.quantize_base} if lora.quantized else {})}
         if lora.enabled else None
     )
     return signature

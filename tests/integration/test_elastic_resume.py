@@ -1,6 +1,7 @@
 """Resuming on another number of ranks: real DeepSpeed on 1 and 2 CPU ranks, instruction clm data, fp32.
 
-For ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload and LoRA (under ZeRO-3, its base frozen and partitioned):
+For ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload, LoRA (under ZeRO-3, its base frozen and partitioned) and QLoRA (under
+ZeRO-2, its 4-bit base frozen and replicated):
 - 2 ranks (micro batch 2, global batch 4) train 6 steps, saving at step 3: the uninterrupted reference;
 - its step-3 checkpoint is relaunched on 1 rank with the same command: the accumulation is re-derived (2) to keep
   the global batch, the checkpoint is converted to DeepSpeed's universal form, steps 4-6 are trained;
@@ -11,7 +12,8 @@ within what fp32 reordering can move (and the 1-rank and 2-rank uninterrupted ru
 and their reasons are in train_worker.py: LOSS_RTOL, weight_disagreements). Then the bad input: a global
 batch that cannot be kept, a split that changes the global batch, a checkpoint of another model, each refused
 with one paragraph before anything is built or changed. Three launches (2 ranks, 1 rank, 2 ranks) run all of it.
-`make test` (CI) runs ZeRO-3 and the bad input; ZeRO-2, ZeRO-3 + CPU offload and LoRA are marked slow (`make test-all`).
+`make test` (CI) runs ZeRO-3 and the bad input; ZeRO-2, ZeRO-3 + CPU offload, LoRA and QLoRA are marked slow
+(`make test-all`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ MORE_CONFIGS = {
     "zero2": ("deepspeed=zero2",),
     "zero3_offload": ("deepspeed=zero3_offload",),
     "lora": ("deepspeed=zero3", "lora=lora", "lora.dropout=0"),
+    "qlora": ("deepspeed=zero2", "lora=qlora", "lora.dropout=0"),  # a 4-bit base, replicated (no ZeRO-3)
 }
 WEIGHT_DECAY = 0.1
 

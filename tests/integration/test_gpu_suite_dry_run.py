@@ -48,7 +48,7 @@ def test_every_case_runs_to_the_end(suite):
 
 def test_training_runs_both_implementations_on_the_same_weights(suite):
     _, rows, _ = suite
-    for case in ("full", "lora"):
+    for case in ("full", "lora", "qlora"):  # qlora: the same 4-bit bytes on both sides (bitsandbytes quantizes both)
         ours, theirs = (_rows(rows, "training", case=case, run=run)[0] for run in ("ours", "transformers"))
         for row in (ours, theirs):
             assert row["tokens_per_s"] > 0 and len(row["step_times"]) == gpu_cases.DRY_SHAPES.steps

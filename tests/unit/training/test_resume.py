@@ -98,6 +98,13 @@ def test_model_signature_names_what_differs():
     assert "'r': 8" in message and "'r': 4" in message and CKPT in message
     with pytest.raises(ConfigError, match="task: 'cls' in the checkpoint, 'qa' now"):
         check_same_model(signature, model_signature(tiny, task="qa", lora=lora), checkpoint=CKPT)
+    # lora=lora's signature is as before; a 4-bit base (lora=qlora) is another model, in both directions
+    assert "quantize_base" not in signature["lora"]
+    qlora = model_signature(tiny, task="cls", lora=dataclasses.replace(lora, quantize_base="nf4"))
+    with pytest.raises(ConfigError, match="'quantize_base': 'nf4'"):
+        check_same_model(signature, qlora, checkpoint=CKPT)
+    with pytest.raises(ConfigError, match="'quantize_base': 'nf4'"):
+        check_same_model(qlora, signature, checkpoint=CKPT)
 
 
 def test_conversion_is_needed_when_the_partitioning_changes():
