@@ -97,8 +97,10 @@ def test_submitit_sweep_jobs_span_two_nodes_each(two_node_cluster: LocalSlurm, t
     for point in summary["points"]:
         assert point["results"] == json.loads((sweep_dir / point["path"] / "eval_results.json").read_text())
     # submitit's per-task logs: each job had a task on node1 (global rank 0) and one on node2 (global rank 1).
-    for job_dir in sweep_dir.glob(".submitit/*_[01]"):
-        started = " ".join(p.read_text(errors="replace") for p in job_dir.glob("*_log.err"))
+    job_dirs = sorted(sweep_dir.glob(".submitit/*_[01]"))
+    assert len(job_dirs) == 2, job_dirs
+    for job_dir in job_dirs:
+        started = " ".join(p.read_text(errors="replace") for p in job_dir.glob("*_log.*"))
         assert re.search(r"hostname=node1, .*global_rank=0\(2\)", started), started[-2000:]
         assert re.search(r"hostname=node2, .*global_rank=1\(2\)", started), started[-2000:]
 
