@@ -111,8 +111,9 @@ SrunPortRange=60001-60100
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmdSpoolDir=$dir/spool/%n
 SlurmdLogFile=$dir/log/slurmd-%n.log
-# A node that stops answering (its link down) is marked DOWN, and its jobs end, after this many seconds.
-SlurmdTimeout=30
+# A node that stops answering (its link down) is marked DOWN, and its jobs end, after this many seconds: longer
+# than the tests' trainer.collective_timeout_s (40 s), so that the ranks say which one they lost first.
+SlurmdTimeout=60
 EOF
           for ((k = 1; k <= nodes; k++)); do
               echo "NodeName=node$k NodeHostname=node$k NodeAddr=$subnet.$((k + 1)) CPUs=$cpus RealMemory=1000 State=UNKNOWN"
