@@ -275,8 +275,8 @@ def _record_host(rank: int, world_size: int) -> None:
 CHECK_IN_WAIT = timedelta(seconds=5)
 
 
-def silent_ranks() -> Optional[list[str]]:
-    """After a collective failed: the ranks that do not answer now, as "rank N (host)", or None if unknowable.
+def silent_ranks() -> Optional[list[tuple[int, str]]]:
+    """After a collective failed: the ranks that do not answer now, with their hosts, or None if unknowable.
 
     Every rank that is still alive checks in through the store (served by rank 0's process) and waits up to
     CHECK_IN_WAIT for the others; those that never do died or hang (a stopped process, a node cut off). None when
@@ -297,7 +297,7 @@ def silent_ranks() -> Optional[list[str]]:
                  for rank in silent}
     except Exception:  # noqa: BLE001 -- the store is gone or does not answer
         return None
-    return [f"rank {rank} ({hosts[rank]})" for rank in silent]
+    return [(rank, hosts[rank]) for rank in silent]
 
 
 def broadcast_object(obj: Any, *, src: int = 0) -> Any:

@@ -38,7 +38,8 @@ check_dir() {
     local owner mode
     owner=$(stat -c %u "$dir"); mode=$(stat -c %a "$dir")
     [ "$owner" = "$(id -u)" ] || die "$dir belongs to uid $owner, not to you (uid $(id -u)): choose another DIR"
-    (( (8#$mode & 8#022) == 0 )) || die "$dir is writable by others (mode $mode): chmod go-w $dir, or choose another DIR"
+    (( (8#$mode & 8#022) == 0 )) ||
+        die "$dir is writable by others (mode $mode): chmod go-w $dir, or choose another DIR"
 }
 
 common_conf() {  # the lines both layouts share
@@ -116,7 +117,8 @@ SlurmdLogFile=$dir/log/slurmd-%n.log
 SlurmdTimeout=60
 EOF
           for ((k = 1; k <= nodes; k++)); do
-              echo "NodeName=node$k NodeHostname=node$k NodeAddr=$subnet.$((k + 1)) CPUs=$cpus RealMemory=1000 State=UNKNOWN"
+              echo "NodeName=node$k NodeHostname=node$k NodeAddr=$subnet.$((k + 1)) CPUs=$cpus RealMemory=1000" \
+                   "State=UNKNOWN"
           done
         } > "$dir/slurm.conf"
     fi
@@ -199,9 +201,11 @@ start() {
         command -v "$tool" > /dev/null || die "$tool not found; install the packages with .ci/install_slurm.sh (Debian: slurmctld slurmd slurm-client munge)"
     done
     [ "$(id -u)" = 0 ] || die "run as root (slurmd starts jobs as their users)"
-    [[ $nodes =~ ^[1-9][0-9]?$ ]] && (( nodes <= 50 )) || die "LOCAL_SLURM_NODES=$nodes: give a number of nodes from 1 to 50"
+    [[ $nodes =~ ^[1-9][0-9]?$ ]] && (( nodes <= 50 )) ||
+        die "LOCAL_SLURM_NODES=$nodes: give a number of nodes from 1 to 50"
     check_dir
-    [ ! -f "$dir/pids" ] && [ ! -f "$dir/netns" ] || die "$dir already has a running cluster (stop it first: $0 stop $dir)"
+    [ ! -f "$dir/pids" ] && [ ! -f "$dir/netns" ] ||
+        die "$dir already has a running cluster (stop it first: $0 stop $dir)"
     install -d -m 755 "$dir" && mkdir -p "$dir"/{state,spool,log}
     install -d -m 700 "$dir/munge"
     mungekey --create --force --keyfile="$dir/munge/munge.key"

@@ -72,9 +72,9 @@ def train(
     except RuntimeError as err:
         if not _collective_failure(err, info):
             raise
-        silent = silent_ranks()
-        who = (f"R{', '.join(silent)[1:]} did not answer afterwards: died (its output above says why) or hangs (a "
-               "stopped process, a node cut off)" if silent else
+        silent = ", ".join(f"rank {rank} ({host})" for rank, host in silent_ranks() or ())
+        who = (f"{silent[:1].upper()}{silent[1:]} did not answer afterwards: died (its output above says why) or "
+               "hangs (a stopped process, a node cut off)" if silent else
                "Another rank has most likely died (its output above says why) or stopped answering")
         raise RankFailureError(
             f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). {who}; "

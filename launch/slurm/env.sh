@@ -31,7 +31,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 set_run_dir() {  # set_run_dir DIR: RUN_DIR and FINETUNE_RUN_DIR, absolute
     RUN_DIR=$(realpath -m "$1")
     case $RUN_DIR in
-        *'${'*) echo "error: RUN_DIR=$RUN_DIR contains '\${', which Hydra reads as an interpolation: choose a run dir without it" >&2
+        *'${'*) echo "error: RUN_DIR=$RUN_DIR contains '\${', which Hydra reads as an interpolation:" \
+                     "choose a run dir without it" >&2
                 exit 2 ;;
     esac
     export RUN_DIR FINETUNE_RUN_DIR=$RUN_DIR

@@ -49,7 +49,8 @@ def test_two_nodes_in_their_own_namespaces_and_stop_removes_them(tmp_path):
         made = set((directory / "netns").read_text().split())
         assert len(made) == 3 and made <= namespaces()  # the controller's and one per node
         assert host_network() == network_before  # no link or address on the machine itself
-        env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), "PATH": f"{directory}/bin:{os.environ['PATH']}"}
+        env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"),
+               "PATH": f"{directory}/bin:{os.environ['PATH']}"}
         step = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "-l", "sh", "-c",
                                "echo $(hostname) $(ip -br -4 addr show eth0 | tr -s ' ' | cut -d' ' -f3)"],
                               env=env, capture_output=True, text=True, timeout=120)

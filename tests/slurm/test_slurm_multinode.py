@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_helpers import REFERENCE_TRAINING, REPO, STEPS, TINY_TRAINING, FinishedRun, Job, LocalSlurm, read_metrics, tail
+from slurm_helpers import (REFERENCE_TRAINING, REPO, STEPS, TINY_TRAINING, FinishedRun, Job, LocalSlurm, read_metrics,
+                           tail)
 
 pytestmark = pytest.mark.slurm
 

@@ -173,4 +173,4 @@ def test_after_a_failed_collective_the_ranks_left_name_the_silent_one(tmp_path):
     mp.start_processes(_silent_worker, args=(port, str(tmp_path)), nprocs=3, join=True, start_method="fork")
     host = socket.gethostname()
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [f"rank 2 ({host})"], rank
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[2, host]], rank
