@@ -228,8 +228,10 @@ def test_a_node_cut_off_ends_the_job_within_the_collective_timeout(
         two_node_cluster.run("scancel", job.id)
     finally:
         subprocess.run([*link, "up"], check=True)
+    # The node repaired, the admin returns it to service; it is idle once its slurmd answers again.
+    two_node_cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME")
     deadline = time.monotonic() + 120
-    while two_node_cluster.run("sinfo", "-h", "-n", "node2", "-o", "%t").strip() != "idle":  # node2 back
+    while two_node_cluster.run("sinfo", "-h", "-n", "node2", "-o", "%t").strip() != "idle":
         assert time.monotonic() < deadline, two_node_cluster.run("sinfo")
         time.sleep(1)
     resume_on_one_node(two_node_cluster, run_dir, tmp_path, reference_run)
