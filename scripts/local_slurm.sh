@@ -144,19 +144,23 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 nodes_idle() { [ "$(sinfo -h -o '%t %D' 2>/dev/null)" = "idle $nodes" ]; }
 
 # The namespaces: one for the controller with a bridge, one per node with a veth pair to that bridge. Each name
-# is recorded before it is created, so that `stop` removes exactly these, also after a half-finished start.
+# is recorded as soon as it is created (not when the name was taken already), so that `stop` removes exactly
+# these, also after a half-finished start.
+add_netns() {
+    ip netns add "$1" || die "cannot create network namespace $1 (one of that name exists already?)"
+    echo "$1" >> "$dir/netns"
+}
+
 make_network() {
     local ctl=$tag-ctl ns k
-    echo "$ctl" >> "$dir/netns"
-    ip netns add "$ctl"
+    add_netns "$ctl"
     ip -n "$ctl" link set lo up
     ip -n "$ctl" link add br0 type bridge
     ip -n "$ctl" addr add "$subnet.1/24" dev br0
     ip -n "$ctl" link set br0 up
     for ((k = 1; k <= nodes; k++)); do
         ns=$tag-n$k
-        echo "$ns" >> "$dir/netns"
-        ip netns add "$ns"
+        add_netns "$ns"
         ip -n "$ns" link set lo up
         # Both ends are created directly inside the namespaces: nothing appears in the machine's own.
         ip -n "$ctl" link add "v$k" type veth peer name eth0 netns "$ns"
@@ -206,7 +210,8 @@ start() {
     check_dir
     [ ! -f "$dir/pids" ] && [ ! -f "$dir/netns" ] ||
         die "$dir already has a running cluster (stop it first: $0 stop $dir)"
-    install -d -m 755 "$dir" && mkdir -p "$dir"/{state,spool,log}
+    [ -d "$dir" ] || install -d -m 755 "$dir"
+    mkdir -p "$dir"/{state,spool,log}
     install -d -m 700 "$dir/munge"
     mungekey --create --force --keyfile="$dir/munge/munge.key"
     chmod 400 "$dir/munge/munge.key"
