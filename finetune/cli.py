@@ -25,6 +25,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("finetune.data.errors", "DataError"),
     ("finetune.model.tokenizer", "TokenizerMismatchError"),
     ("finetune.model.generation", "GenerationError"),
+    ("finetune.distributed", "RendezvousError"),
 )
 USER_ERROR_EXIT_CODE = 2  # as argparse: the invocation was wrong
 

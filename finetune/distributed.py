@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,6 +75,10 @@ def _fill_env_from_slurm_or_single() -> None:
     os.environ.setdefault("MASTER_PORT", "0")
 
 
+class RendezvousError(RuntimeError):
+    """Rank 0 cannot listen on the rendezvous port (MASTER_PORT): another process holds it."""
+
+
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 # Rank 0 alone processes the data on a first run while the others wait (main_process_first): minutes to hours for
 # a large corpus, so that one wait has its own, long, timeout instead of the collective timeout of the loop.
@@ -100,11 +105,23 @@ def init_distributed(*, collective_timeout_s: Optional[float] = None) -> DistInf
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
     timeout = timedelta(seconds=collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
-    deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, verbose=env_rank() == 0,
-        timeout=timeout,
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+            verbose=env_rank() == 0, timeout=timeout,
+        )
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise RendezvousError(
+            f"The rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT')} on "
+            f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} is taken by another process, so rank 0 cannot listen on "
+            "it and the other ranks could not join. Under launch/slurm/*.sbatch and the submitit preset the port is "
+            "one found free on the first node just before the ranks start, and something took it in between: "
+            "submit the job again. Elsewhere, set MASTER_PORT to a free port (or to 0 for a world of one)."
+        ) from None
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    _record_host(rank, world_size)
     if accelerator.device_name() == "cpu":
         _unlink_shm_buffer(rank, world_size)
     if _setup_wait_group is None and world_size > 1:  # gloo: a CPU barrier works beside NCCL too
@@ -274,6 +291,47 @@ def _default_store() -> Any:
         return torch.distributed.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001
         return None
+
+
+def _host_key(rank: int) -> str:
+    return f"finetune/host/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+
+def _record_host(rank: int, world_size: int) -> None:
+    """Leave this rank's host name in the store, for a peer that later has to say where a silent rank ran."""
+    store = _default_store()
+    if store is not None and world_size > 1:
+        with contextlib.suppress(Exception):
+            store.set(_host_key(rank), socket.gethostname())
+
+
+# How long the ranks left after a failed collective wait for each other to check in (see silent_ranks).
+CHECK_IN_WAIT = timedelta(seconds=5)
+
+
+def silent_ranks() -> Optional[list[tuple[int, str]]]:
+    """After a collective failed: the ranks that do not answer now, with their hosts, or None if unknowable.
+
+    Every rank that is still alive checks in through the store (served by rank 0's process) and waits up to
+    CHECK_IN_WAIT for the others; those that never do died or hang (a stopped process, a node cut off). None when
+    the store itself does not answer: rank 0's node is the one lost, or this rank is the one cut off."""
+    store = _default_store()
+    if store is None or torch.distributed.get_world_size() == 1:
+        return None
+    key = lambda rank: f"finetune/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"  # noqa: E731
+    world_size = torch.distributed.get_world_size()
+    try:
+        store.set_timeout(CHECK_IN_WAIT)  # a frozen rank 0 would hold every store call for the collective timeout
+        store.set(key(torch.distributed.get_rank()), "1")
+        deadline = time.monotonic() + CHECK_IN_WAIT.total_seconds()
+        while time.monotonic() < deadline and not store.check([key(r) for r in range(world_size)]):
+            time.sleep(0.1)
+        silent = [rank for rank in range(world_size) if not store.check([key(rank)])]
+        hosts = {rank: store.get(_host_key(rank)).decode() if store.check([_host_key(rank)]) else "?"
+                 for rank in silent}
+    except Exception:  # noqa: BLE001 -- the store is gone or does not answer
+        return None
+    return [(rank, hosts[rank]) for rank in silent]
 
 
 def broadcast_object(obj: Any, *, src: int = 0) -> Any:

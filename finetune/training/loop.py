@@ -20,7 +20,7 @@ import torch
 from finetune.config import DataConfig, TrainerConfig
 from finetune.data import TaskData
 from finetune.data.length_grouping import example_lengths
-from finetune.distributed import DistInfo, all_reduce_sum
+from finetune.distributed import DistInfo, all_reduce_sum, silent_ranks
 from finetune.tasks import Task
 from finetune.training import faults
 from finetune.training.checkpoints import Checkpointer
@@ -72,9 +72,13 @@ def train(
     except RuntimeError as err:
         if not collective_failure(err, info):
             raise
+        silent = ", ".join(f"rank {rank} ({host})" for rank, host in silent_ranks() or ())
+        who = (f"{silent[:1].upper()}{silent[1:]} did not answer afterwards: died (its output above says why) or "
+               "hangs (a stopped process, a node cut off)" if silent else
+               "Another rank has most likely died (its output above says why) or stopped answering")
         raise RankFailureError(
-            f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). Another rank "
-            "has most likely died (its output above says why) or stopped answering; collectives wait at most "
+            f"Rank {info.rank}: a collective operation failed ({str(err).splitlines()[0][:300]}). {who}; "
+            "collectives wait at most "
             f"trainer.collective_timeout_s={trainer.collective_timeout_s:g} s for a silent rank. The last complete "
             f"checkpoint is {checkpointer.describe_last_complete()}: relaunch with the same hydra.run.dir to resume "
             "from it."

@@ -1,8 +1,10 @@
-"""A real one-node SLURM cluster on loopback for the tests in this folder (scripts/local_slurm.sh starts it).
+"""Real SLURM clusters for the tests in this folder (scripts/local_slurm.sh starts them): one node on loopback, and,
+for the multi-node tests, two nodes, each slurmd in its own network namespace.
 
-Started once per session, in a temporary dir, and stopped by PID at the end. Tests submit with `cluster.sbatch`
+Started once per session (each when first needed), in a temporary dir, and stopped by PID at the end. Tests submit with `cluster.sbatch`
 and read job states from `scontrol` (finished jobs stay visible: MinJobAge is an hour; there is no sacct database).
-The node advertises 4 CPUs on this 2-core machine so that two 2-rank jobs (a 2-point sweep) run at once.
+The one node advertises 4 CPUs on this 2-core machine so that two 2-rank jobs (a 2-point sweep) run at once; each of
+the two nodes advertises 2, so that two jobs of one rank per node run at once.
 """
 from __future__ import annotations
 
@@ -22,24 +24,36 @@ def _missing_tools() -> list[str]:
     return [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+def _cluster(directory, *, nodes: int, cpus: int):
     missing = _missing_tools()
     if missing:
         pytest.skip(f"SLURM packages not installed (missing {', '.join(missing)}): run .ci/install_slurm.sh as root")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (slurmd starts jobs as their users)")
-    directory = tmp_path_factory.mktemp("slurm")
     script = REPO / "scripts" / "local_slurm.sh"
-    started = subprocess.run(
-        [str(script), "start", str(directory)],
-        env={**os.environ, "LOCAL_SLURM_CPUS": "4"}, capture_output=True, text=True, timeout=120,
-    )
+    env = {**os.environ, "LOCAL_SLURM_CPUS": str(cpus)}
+    if nodes > 1:
+        env["LOCAL_SLURM_NODES"] = str(nodes)
+    else:  # the default: whatever the caller's environment says does not change the one-node cluster
+        env.pop("LOCAL_SLURM_NODES", None)
+    started = subprocess.run([str(script), "start", str(directory)], env=env, capture_output=True, text=True,
+                             timeout=120)
     try:
         assert started.returncode == 0, f"local SLURM did not start:\n{started.stderr}{started.stdout}"
         yield LocalSlurm(directory)
     finally:
         subprocess.run([str(script), "stop", str(directory)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    yield from _cluster(tmp_path_factory.mktemp("slurm"), nodes=1, cpus=4)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """node1 and node2, each in its own network namespace, linked to the controller's by a veth pair."""
+    yield from _cluster(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus=2)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,16 @@ class LocalSlurm:
     def __init__(self, directory: Path):
         self.directory = directory
         self.env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf")}
+        if (directory / "bin").is_dir():  # several nodes: the commands enter the controller's network namespace
+            self.env["PATH"] = f"{directory / 'bin'}:{self.env['PATH']}"
+
+    def namespace(self, node: str) -> str:
+        """The network namespace of `node` (node1, node2, ...) on a cluster of several nodes."""
+        names = (self.directory / "netns").read_text().split()
+        return next(name for name in names if name.endswith(f"-n{node.removeprefix('node')}"))
+
+    def controller_namespace(self) -> str:
+        return next(name for name in (self.directory / "netns").read_text().split() if name.endswith("-ctl"))
 
     def run(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,61 @@ def test_collective_timeout_bounds_a_hung_peer_but_not_the_setup_wait(tmp_path):
     assert rank0["setup_wait"] == "ok" and json.loads((tmp_path / "rank1.json").read_text())["setup_wait"] == "ok"
     assert rank0["hung_peer"] != "returned"
     assert 1.5 < rank0["seconds"] < 4.5, rank0
+
+
+def test_a_taken_rendezvous_port_fails_at_once_with_a_clear_message(tmp_path):
+    """Rank 0 of a 2-rank launch whose MASTER_PORT another process holds: one paragraph, exit 2, no timeout."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "launch/train.py", "model=tiny", "logger=none", "trainer.collective_timeout_s=900",
+             f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=850,
+        )
+        seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: The rendezvous port MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is taken" in result.stderr
+    assert "Traceback" not in result.stderr
+    # At once: start-up alone, far from the 900 s rank 0 would wait for rank 1 on a port of its own.
+    assert seconds < 450, seconds
+
+
+def _silent_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    distributed.init_distributed(collective_timeout_s=2)
+    if rank == 2:  # hangs without dying (a stopped process, a node cut off)
+        time.sleep(15)
+        os._exit(0)
+    try:
+        torch.distributed.all_reduce(torch.zeros(1))
+    except RuntimeError:
+        pass
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+        json.dump(distributed.silent_ranks(), out)
+    time.sleep(1)  # rank 0 serves the store: let rank 1 finish its check-in
+    os._exit(0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_after_a_failed_collective_the_ranks_left_name_the_silent_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_silent_worker, args=(port, str(tmp_path)), nprocs=3, join=True, start_method="fork")
+    host = socket.gethostname()
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[2, host]], rank
