@@ -379,6 +379,7 @@ def claim_run_dir(run_dir: Path, run: RunConfig, info: DistInfo, at_end: context
     if info.is_main:
         lock = RunDirLock(run_dir)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes its own; a run dir passed in may not exist yet
             check_permissions(run_dir, allow_shared=run.trainer.allow_shared_run_dir)
             lock.acquire()
             at_end.callback(lock.release)
