@@ -16,7 +16,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.finetune_sweeps.optuna_sweeper import format_value, search_space
-from hydra_plugins.finetune_sweeps.slurm_launcher import JobLost, last_error_line, wait_for_results
+from hydra_plugins.finetune_sweeps import slurm_launcher
+from hydra_plugins.finetune_sweeps.slurm_launcher import last_error_line, wait_for_results
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -155,7 +156,8 @@ def test_slurm_launcher_waits_for_every_job_and_records_a_lost_one(tmp_path):
     assert returns[1].status == JobStatus.COMPLETED and returns[1].return_value == 1.5
     lost = returns[0]
     assert lost.status == JobStatus.FAILED and lost.overrides == ["x=0"]
-    assert isinstance(lost._return_value, JobLost)
+    # Hydra's plugin scan (run by other tests) re-executes plugin modules: the class is the module's current one
+    assert isinstance(lost._return_value, slurm_launcher.JobLost)
     assert str(lost._return_value).startswith(f"SLURM job {jobs[0].job_id} ended (")
 
 
