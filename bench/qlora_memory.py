@@ -61,6 +61,7 @@ def measure(variant: str, model_dir: str, seq_len: int, steps: int) -> dict:
     model = apply_lora(build_training_model(run, config, ds_config={}, info=DistInfo(0, 1, 0)), run.lora)
     load_seconds = time.perf_counter() - start
     load_peak = _status_bytes("VmHWM:") - base
+    loaded = _status_bytes("VmRSS:") - base  # what the model holds once built, transients freed
     if variant == "qlora":
         linear = linear_weight_bytes(model)
     else:
@@ -77,7 +78,8 @@ def measure(variant: str, model_dir: str, seq_len: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": _status_bytes("VmHWM:") - base, "load_peak_bytes": load_peak, "load_seconds": load_seconds,
+    return {"peak_bytes": _status_bytes("VmHWM:") - base, "load_peak_bytes": load_peak, "loaded_bytes": loaded,
+            "load_seconds": load_seconds,
             "linear_bytes_16bit": linear["bf16"], "linear_bytes_stored": linear["quantized"] or linear["bf16"],
             "step_seconds": sum(times[1:]) / max(1, len(times) - 1), "loss": float(loss)}
 
