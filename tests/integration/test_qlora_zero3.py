@@ -32,6 +32,7 @@ def qlora_stages(run_ranks, tmp_path_factory):
                      f"data.train_file={data}", f"data.validation_file={data}", "data.prompt_column=prompt",
                      "data.response_column=response", "data.packing=false", "data.max_seq_len=128",
                      "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1"]
+        (root / stage).mkdir()  # the runner checks the run dir's permissions before writing to it
         runs.append({"run_dir": str(root / stage), "overrides": overrides})
     results = run_jobs(run_ranks, root / "jobs", runs, world=2)
     assert all(r["ok"] for r in results), [r.get("error") for r in results]
