@@ -105,7 +105,7 @@ def build_training_model(
     dtype = torch_dtype(run.model.dtype)
     partitioned = zero_stage(ds_config) == 3
     if run.lora.quantized:
-        return _quantized_training_model(run, config, dtype=dtype)
+        return _quantized_training_model(run, config, dtype=dtype, partitioned=partitioned)
     if partitioned:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(config, task=run.task, init=False)
@@ -136,17 +136,24 @@ def _for_training(model: GPTJPreTrainedModel, run: RunConfig, config: GPTJConfig
     return model
 
 
-def _quantized_training_model(run: RunConfig, config: GPTJConfig, *, dtype: torch.dtype) -> GPTJPreTrainedModel:
+def _quantized_training_model(run: RunConfig, config: GPTJConfig, *, dtype: torch.dtype,
+                              partitioned: bool) -> GPTJPreTrainedModel:
     """lora=qlora: the base with its block linears in 4-bit NF4, computing in trainer.precision. From model.path
     each weight is quantized as it is read (the 16-bit model is never whole in memory); a random init is drawn
-    as for lora=lora (same seed, same numbers) and then quantized layer by layer."""
+    as for lora=lora (same seed, same numbers) and then quantized layer by layer.
+
+    ZeRO-3 (`partitioned`): the model is built whole on every rank and `deepspeed.initialize` partitions it. The
+    packed 4-bit bytes are then stored in the precision's float dtype (bitsandbytes' quant_storage, as transformers'
+    `bnb_4bit_quant_storage` for ZeRO-3), the dtype the engine casts float parameters to, so ZeRO-3 partitions and
+    gathers them as bytes; the quantization constants stay on each parameter object, whole on every rank."""
     from finetune.builders import torch_dtype
     from finetune.model.hf_weights import resolve_model_dir
     from finetune.model.quantized import NF4Settings, load_quantized_into, quantize_linears
 
     from deepspeed.accelerator import get_accelerator
 
-    settings = NF4Settings(compute_dtype=torch_dtype(run.trainer.precision))
+    precision = torch_dtype(run.trainer.precision)
+    settings = NF4Settings(compute_dtype=precision, quant_storage=precision if partitioned else torch.uint8)
     if run.model.path is not None:
         model = build_model(config, task=run.task, device="meta", init=False)
         # Straight onto this rank's accelerator, where DeepSpeed would move it: a GPU quantizes GPT-J 6B in seconds.
@@ -260,10 +267,6 @@ def deepspeed_json(run: RunConfig, *, is_main: bool = True, run_dir: Optional[Pa
 
     if run.deepspeed.config_file != "auto":
         base, source = load_ds_json(run.deepspeed.config_file)
-        if run.lora.enabled:
-            from finetune.training.lora import refuse_partitioned_quantized_base
-
-            refuse_partitioned_quantized_base(run.lora, zero_stage(base), source=source)
         if run.deepspeed.check_memory:
             memory_choice.check_memory(run, model_config(run, {}), base, source=source, is_main=is_main)
         return base, source

@@ -73,7 +73,7 @@ def inference_engine(model_dir: Path, *, task: str, dtype_name: str, zero3: bool
                      world_size: int, base_model: Optional[str], check_memory: bool = True,
                      quantize_base: Optional[bool] = None):
     """A DeepSpeed engine without optimizer: ZeRO-3 (weights partitioned over ranks) or stage 0 (whole model).
-    A QLoRA adapter's 4-bit base is replicated: stage 0 (ZeRO-3 cannot partition 4-bit weights)."""
+    An adapter (a QLoRA adapter with its base quantized) is applied on every rank first, then partitioned."""
     import deepspeed
 
     ds_config: dict[str, Any] = {

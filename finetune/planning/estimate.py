@@ -449,14 +449,21 @@ def estimate(
     # Parameters: whole on every GPU below stage 3; one 1/N partition per rank at stage 3.
     swapped = 0  # parameter elements per rank on NVMe
     Pq = sum(t.numel for t in tensors if t.quantized)
-    if Pq and stage == 3:
-        raise ConfigError(
-            "A 4-bit base (lora=qlora) cannot be partitioned by ZeRO-3; plan it with ZeRO stage 0-2, where it is "
-            "replicated on every GPU.")
-    if Pq:
+    if Pq and stage < 3:
         place("parameters (not quantized)", "gpu", b * (P - Pq), "b·(P - Pq)")
         place("parameters (4-bit NF4 base linears + constants)", "gpu", NF4_BYTES_PER_WEIGHT * Pq,
               f"{NF4_BYTES_PER_WEIGHT:.4f}·Pq")
+    elif Pq:
+        # ZeRO-3 partitions the packed 4-bit bytes like any parameter (stored in the precision's dtype, bitsandbytes'
+        # quant_storage); their quantization constants live on the parameter object, whole on every rank.
+        place("parameters (not quantized)", _device(par_dev), b * (P - Pq) / N, "b·(P - Pq)/N")
+        place("4-bit NF4 base linears (packed bytes)", _device(par_dev), Pq / 2 / N, "0.5·Pq/N")
+        place("NF4 quantization constants", "gpu", (NF4_BYTES_PER_WEIGHT - 0.5) * Pq,
+              f"{NF4_BYTES_PER_WEIGHT - 0.5:.4f}·Pq")
+        # The base is quantized whole on each rank's GPU before deepspeed.initialize partitions it.
+        add("whole 4-bit model before ZeRO-3 partitions it", "gpu", "load", "buffers",
+            b * (P - Pq) + NF4_BYTES_PER_WEIGHT * Pq, f"b·(P - Pq) + {NF4_BYTES_PER_WEIGHT:.4f}·Pq")
+    if Pq:
         largest_q = max(t.numel for t in tensors if t.quantized)
         # Each 4-bit matmul dequantizes its weight to the compute dtype, in forward and again in backward.
         add("dequantized weight of one 4-bit linear", "gpu", "forward_backward", "buffers", b * largest_q,
@@ -737,8 +744,8 @@ def plan(
             return buffers
         return buffers.get(option, buffers.get(option.stage, ZeroBuffers()))
 
-    if run.quantized_base:  # a 4-bit base is replicated: ZeRO-3 cannot partition it (finetune.training.lora)
-        options = [o for o in options if o.stage < 3]
+    if run.quantized_base:  # a 4-bit base on NVMe is neither modelled nor tested (docs/lora.md, QLoRA limits)
+        options = [o for o in options if o.offload_params != "nvme"]
     estimates = tuple(estimate(shape, run, cluster, o, buffers=option_buffers(o)) for o in options)
     recommended = next((e for e in estimates if e.margin >= margin), None)
     return Plan(shape, run, cluster, margin, estimates, recommended, _reason(estimates, recommended, margin, cluster))
@@ -779,7 +786,7 @@ def format_table(plan: Plan) -> str:
     P, Pt = stored_parameters(s, r), trainable_parameters(s, r)
     lora = f"LoRA r={r.lora_rank} on {','.join(r.lora_targets)}" if r.lora else "full fine-tuning"
     if r.quantized_base:
-        lora = "Q" + lora + ", base linears in 4-bit NF4; ZeRO-3 not possible"
+        lora = "Q" + lora + ", base linears in 4-bit NF4"
     lines = [
         f"Model: GPT-J L={s.n_layer} d={s.n_embd} f={s.inner} h={s.n_head} V={s.vocab_size}, head {s.head}; "
         f"P={P:,} parameters, Pt={Pt:,} trainable ({lora})",

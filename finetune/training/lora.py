@@ -181,22 +181,6 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_cfg: LoraConfig)
 
 
 # --- QLoRA (lora=qlora): a 4-bit base ---------------------------------------------------------------------
-QLORA_DEEPSPEED = ("none", "zero2", "auto")  # conf/deepspeed options that train a 4-bit base
-
-
-def refuse_partitioned_quantized_base(cfg: LoraConfig, stage: int, *, source: str) -> None:
-    """ZeRO-3 cannot hold a 4-bit base: refuse it before anything is built (ConfigError naming what works)."""
-    if cfg.quantized and stage == 3:
-        raise ConfigError(
-            f"lora=qlora (lora.quantize_base={cfg.quantize_base}) does not run under ZeRO-3 ({source}): ZeRO-3 "
-            "partitions every parameter into flat 16-bit buffers and gathers it back as a plain tensor, which loses "
-            "the 4-bit weights' quantization state (bitsandbytes keeps it on the parameter object, and DeepSpeed's "
-            "zero.Init cannot quantize while it partitions). A 4-bit GPT-J 6B base is 3.8 GB, so it is replicated "
-            "on every GPU instead while ZeRO shards the adapters' optimizer states: use deepspeed=zero2, "
-            "deepspeed=none or deepspeed=auto with lora=qlora, or lora=lora (16-bit base) to keep ZeRO-3."
-        )
-
-
 def merged_quantized_state_dict(trained: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
                                 lora_cfg: LoraConfig) -> dict[str, torch.Tensor]:
     """QLoRA: a plain GPT-J state dict with the adapter merged into the base's ORIGINAL 16-bit weights.

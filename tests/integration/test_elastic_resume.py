@@ -33,7 +33,7 @@ MORE_CONFIGS = {
     "zero2": ("deepspeed=zero2",),
     "zero3_offload": ("deepspeed=zero3_offload",),
     "lora": ("deepspeed=zero3", "lora=lora", "lora.dropout=0"),
-    "qlora": ("deepspeed=zero2", "lora=qlora", "lora.dropout=0"),  # a 4-bit base, replicated (no ZeRO-3)
+    "qlora": ("deepspeed=zero2", "lora=qlora", "lora.dropout=0"),  # a 4-bit base, replicated under ZeRO-2
 }
 WEIGHT_DECAY = 0.1
 
