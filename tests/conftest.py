@@ -20,7 +20,8 @@ NUMERICAL_TESTS = (
     "integration/test_fault_tolerance.py", "integration/test_zero3_loading.py", "integration/test_lora_zero.py",
     "integration/test_packing_chunked_loss.py", "integration/test_train_tasks.py", "integration/test_train_qa.py",
     "integration/test_nvme_offload.py", "integration/test_memory_measured.py",
-    "integration/tools/test_export_checkpoints.py",
+    "integration/tools/test_export_checkpoints.py", "integration/test_qlora_layout_invariance.py",
+    "integration/test_qlora_zero3.py", "integration/test_qlora_train.py", "slurm/test_slurm_multinode.py",
 )
 
 

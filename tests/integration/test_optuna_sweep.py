@@ -7,7 +7,8 @@ import pytest
 import yaml
 from PIL import Image
 
-pytestmark = pytest.mark.integration
+# slow: the sweeper, its failed trials and its seeding run in CI through toy Hydra apps (tests/unit/tools/)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_optuna_sweep_under_deepspeed_launcher_records_a_failed_trial_and_goes_on(launch, tmp_path):
