@@ -89,6 +89,15 @@ def model_shape(model: ModelConfig, *, task: str, num_labels: Optional[int] = No
     config_json = Path(model.path).expanduser() / "config.json" if model.path else None
     if config_json is not None and config_json.is_file():
         dims: dict[str, Any] = json.loads(config_json.read_text())
+        for key in _SHAPE_FIELDS:  # the sizes the plan multiplies (the model itself checks every field)
+            value = dims.get(key)
+            if key == "n_inner" and value is None:
+                continue  # GPT-J's default: 4 x n_embd
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"{config_json}: {key}={value!r} is not a positive integer, so this is not a usable GPT-J "
+                    f"config; fix {key} in that file, or point model.path at the checkpoint directory you meant."
+                )
     elif model.name in PRESET_SHAPES:
         preset = PRESET_SHAPES[model.name]
         dims = {key: getattr(preset, key) for key in _SHAPE_FIELDS}

@@ -213,3 +213,17 @@ def test_nvme_without_a_path_is_left_to_the_engines_error():
     with_path = parse_config(compose_train("deepspeed=zero3_nvme", "deepspeed.nvme_path=/nonexistent/nvme"))
     with pytest.raises(ConfigError, match="of NVMe per node"):
         check_memory(with_path, GPTJConfig.preset("tiny"), ds_json("zero3_nvme"), **args)
+
+
+@pytest.mark.parametrize("key, value", [("n_head", 0), ("n_layer", -2), ("vocab_size", 0), ("n_embd", "4096"),
+                                        ("n_layer", True), ("n_embd", None)])
+def test_plan_refuses_a_config_json_with_a_bad_size_naming_the_file_and_field(tmp_path, key, value):
+    from finetune.config import ModelConfig
+    from finetune.planning.choice import model_shape
+
+    dims = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 50400, key: value}
+    (tmp_path / "config.json").write_text(json.dumps(dims))
+    with pytest.raises(ConfigError) as err:
+        model_shape(ModelConfig(path=str(tmp_path)), task="qa")
+    assert str(tmp_path / "config.json") in str(err.value) and f"{key}={value!r}" in str(err.value)
+    assert "\n" not in str(err.value)
