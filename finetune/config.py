@@ -29,6 +29,20 @@ class ModelConfig:
     chunked_loss: bool = True
     # Tokens per chunk of that loss; null: chosen from the vocabulary (512 for GPT-J's 50400, ~100 MB of logits).
     loss_chunk_tokens: Optional[int] = None
+    # q/k/v_proj and fc_in as one matrix product per block (docs/performance.md, "Fused projections"): auto | true |
+    # false. auto: fused for full fine-tuning, unfused with LoRA/QLoRA (peft adapts the separate layers).
+    fused_projections: Any = "auto"
+
+    def uses_fused_projections(self, lora: "LoraConfig") -> bool:
+        """Whether the training model fuses its projections; ConfigError when `true` meets LoRA."""
+        if self.fused_projections is True and lora.enabled:
+            raise ConfigError(
+                "model.fused_projections=true cannot be combined with LoRA: peft attaches its adapters to the separate "
+                f"q_proj/k_proj/v_proj/fc_in layers (lora.target_modules={list(lora.target_modules)}), and QLoRA "
+                "quantizes each of them apart, so a fused block would have nothing to adapt. Set "
+                "model.fused_projections=auto (fused for full fine-tuning, unfused with LoRA) or false."
+            )
+        return self.fused_projections is True or (self.fused_projections == "auto" and not lora.enabled)
 
 
 BAD_ROW_POLICIES = ("error", "skip")
@@ -416,6 +430,10 @@ def validate(run: RunConfig) -> None:
     from finetune.data.packing import packing_mode
 
     packing_mode(run.data, run.task)  # raises a ConfigError naming data.packing
+    fused = run.model.fused_projections
+    _require(isinstance(fused, bool) or fused == "auto", "model.fused_projections", fused,
+             "use auto (fused for full fine-tuning, unfused with LoRA), true or false.")
+    run.model.uses_fused_projections(run.lora)  # raises a ConfigError for true with LoRA
     chunk = run.model.loss_chunk_tokens
     _require(chunk is None or (not isinstance(chunk, bool) and chunk > 0), "model.loss_chunk_tokens", chunk,
              "set the tokens per chunk of the causal-LM loss to a positive number (e.g. 512), or null to choose it "

@@ -106,11 +106,13 @@ def build_training_model(
     partitioned = zero_stage(ds_config) == 3
     if run.lora.quantized:
         return _quantized_training_model(run, config, dtype=dtype, partitioned=partitioned)
+    fused = run.model.uses_fused_projections(run.lora)
     if partitioned:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_model(config, task=run.task, init=False)
+            model = build_model(config, task=run.task, init=False, fused_projections=fused)
     else:  # meta: the checkpoint's tensors become the parameters, no throwaway init
-        model = build_model(config, task=run.task, device="meta" if run.model.path else None, init=False)
+        model = build_model(config, task=run.task, device="meta" if run.model.path else None, init=False,
+                            fused_projections=fused)
     if run.model.path is not None:
         load_state_into(model, resolve_model_dir(run.model.path), dtype=dtype)
     else:
@@ -439,7 +441,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
             f"data.max_seq_len={run.data.max_seq_len} exceeds the model's n_positions ({config.n_positions}); "
             f"lower data.max_seq_len to at most {config.n_positions}."
         )
-    signature = model_signature(config, task=run.task, lora=run.lora)
+    signature = model_signature(config, task=run.task, lora=run.lora,
+                                fused_projections=run.model.uses_fused_projections(run.lora))
     if point is not None:
         check_same_model(point.model, signature, checkpoint=str(point.path))
 

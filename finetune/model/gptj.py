@@ -247,15 +247,19 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
 
 # --- the block ------------------------------------------------------------------------------------
 class GPTJAttention(nn.Module):
-    def __init__(self, config: GPTJConfig):
+    """Causal self-attention with rotary positions. Fused blocks (see FusedInputProjection) compute q, k, v
+    elsewhere: the module then holds only out_proj, and the block calls `attend` directly."""
+
+    def __init__(self, config: GPTJConfig, *, fused: bool = False):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.rotary_dim = config.rotary_dim
         self.attn_pdrop = config.attn_pdrop
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if not fused:
+            self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -267,10 +271,23 @@ class GPTJAttention(nn.Module):
         attn_mask: Union[torch.Tensor, "PackedSequences", None],
         past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim)
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), sin, cos, attn_mask, past)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sin: torch.Tensor,
+        cos: torch.Tensor,
+        attn_mask: Union[torch.Tensor, "PackedSequences", None],
+        past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """q, k, v: (B, T, n_embd) projections -> (output (B, T, n_embd), this step's (k, v) for the cache)."""
+        B, T, C = q.shape
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim)
+        v = v.view(B, T, self.n_head, self.head_dim)
         rd = self.rotary_dim or self.head_dim
         q = torch.cat([apply_rotary(q[..., :rd], sin, cos), q[..., rd:]], dim=-1)
         k = torch.cat([apply_rotary(k[..., :rd], sin, cos), k[..., rd:]], dim=-1)
@@ -294,28 +311,131 @@ class GPTJAttention(nn.Module):
 
 
 class GPTJMLP(nn.Module):
-    def __init__(self, config: GPTJConfig):
+    """fc_in -> activation -> fc_out. Fused blocks compute fc_in elsewhere and call `finish` on its output."""
+
+    def __init__(self, config: GPTJConfig, *, fused: bool = False):
         super().__init__()
-        self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
+        if not fused:
+            self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
         self.fc_out = nn.Linear(config.inner_dim, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+        return self.finish(self.fc_in(x))
+
+    def finish(self, pre_activation: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(pre_activation)))
+
+
+# Hugging Face's names of the four projections a fused block computes as one, in the fused weight's row order.
+FUSED_PARTS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")
+FUSED_MODULE = "qkv_fc_in"  # the fused module's name in a block: transformer.h.N.qkv_fc_in.{weight,bias}
+
+
+def fused_part_rows(config: GPTJConfig) -> tuple[int, int, int, int]:
+    """Rows of each of FUSED_PARTS in the fused weight (3 * n_embd + inner_dim in all)."""
+    return (config.n_embd, config.n_embd, config.n_embd, config.inner_dim)
+
+
+class FusedInputProjection(nn.Module):
+    """q_proj, k_proj, v_proj and fc_in as one matrix product: both halves of GPT-J's parallel block read ln_1's
+    output, so one GEMM of width 3 * n_embd + inner_dim (28672 for 6B) replaces four.
+
+    `weight` holds the four HF weights stacked along the output rows, in FUSED_PARTS order; each output column is
+    the same dot product the separate layer computes. `bias` is fc_in's bias alone: q, k and v have none, and
+    zeros in a trainable bias would not stay zero. State dicts show the four HF tensors (GPTJBlock's hooks).
+    """
+
+    def __init__(self, config: GPTJConfig, out_proj: nn.Linear):
+        super().__init__()
+        self.rows = fused_part_rows(config)
+        self.weight = nn.Parameter(torch.empty(sum(self.rows), config.n_embd))
+        self.bias = nn.Parameter(torch.empty(config.inner_dim))
+        # A plain tuple, not a submodule: for `init_weights` only (draws out_proj's numbers in unfused order).
+        self._init_after_v = (out_proj,)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, n_embd) -> q, k, v (B, T, n_embd) and fc_in's output (B, T, inner_dim), views of one result."""
+        qkv_rows = self.rows[0] + self.rows[1] + self.rows[2]
+        bias = torch.cat([self.bias.new_zeros(qkv_rows), self.bias])  # one fused addmm, as nn.Linear's
+        return F.linear(x, self.weight, bias).split(self.rows, dim=-1)
+
+    @torch.no_grad()
+    def init_weights(self, initializer_range: float) -> None:
+        """The numbers an unfused block draws, in its order: q, k, v, out_proj, fc_in. out_proj belongs to another
+        module (initialized, and under ZeRO-3 gathered, after this one), so its draw waits on it until then."""
+        d = self.rows[0]
+        for start in (0, d, 2 * d):  # row blocks of a contiguous tensor: the same stream as separate tensors
+            self.weight[start:start + d].normal_(mean=0.0, std=initializer_range)
+        out_proj = self._init_after_v[0]
+        out_proj._drawn_weight = torch.empty_like(self.weight[:d]).normal_(mean=0.0, std=initializer_range)
+        self.weight[3 * d:].normal_(mean=0.0, std=initializer_range)
+        self.bias.zero_()
 
 
 class GPTJBlock(nn.Module):
-    def __init__(self, config: GPTJConfig):
+    """x + attn(ln_1(x)) + mlp(ln_1(x)). `fused`: q/k/v/fc_in as one product (FusedInputProjection), with state
+    dicts still in Hugging Face's names and layout (split on `state_dict()`, joined on `load_state_dict()`)."""
+
+    def __init__(self, config: GPTJConfig, *, fused: bool = False):
         super().__init__()
+        attn, mlp = GPTJAttention(config, fused=fused), GPTJMLP(config, fused=fused)
+        # Registered in this order so that modules() visits q/k/v/fc_in before out_proj (see init_weights).
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = GPTJAttention(config)
-        self.mlp = GPTJMLP(config)
+        self.qkv_fc_in = FusedInputProjection(config, attn.out_proj) if fused else None
+        self.attn, self.mlp = attn, mlp
+        if fused:
+            self.register_state_dict_post_hook(_split_fused_state)
+            self.register_load_state_dict_pre_hook(_join_fused_state)
 
     def forward(self, x, sin, cos, attn_mask, past=None):
         h = self.ln_1(x)
-        attn_out, present = self.attn(h, sin, cos, attn_mask, past)
-        return x + attn_out + self.mlp(h), present
+        if self.qkv_fc_in is None:
+            attn_out, present = self.attn(h, sin, cos, attn_mask, past)
+            return x + attn_out + self.mlp(h), present
+        q, k, v, pre_activation = self.qkv_fc_in(h)
+        attn_out, present = self.attn.attend(q, k, v, sin, cos, attn_mask, past)
+        return x + attn_out + self.mlp.finish(pre_activation), present
+
+
+# The order of an unfused block's state dict, which a fused block's reproduces.
+_BLOCK_STATE_ORDER = ("ln_1.weight", "ln_1.bias", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                      "attn.out_proj.weight", "mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight",
+                      "mlp.fc_out.bias")
+
+
+def split_fused(weight: Any, rows: tuple[int, ...]) -> list[Any]:
+    """The four HF weights of a fused weight (views). A ZeRO-3 placeholder (partitioned away: 0 elements) gives four
+    placeholders, so that DeepSpeed's own save and load of its module state pass through unchanged."""
+    if weight.shape[0] != sum(rows):
+        return [weight] * len(rows)
+    return list(weight.split(rows, dim=0))
+
+
+def _split_fused_state(block: GPTJBlock, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    fused = block.qkv_fc_in
+    weight = state.pop(f"{prefix}{FUSED_MODULE}.weight", None)
+    bias = state.pop(f"{prefix}{FUSED_MODULE}.bias", None)
+    if weight is None or bias is None:  # filtered out by the caller
+        return
+    for part, tensor in zip(FUSED_PARTS, split_fused(weight, fused.rows)):
+        state[f"{prefix}{part}.weight"] = tensor
+    state[f"{prefix}mlp.fc_in.bias"] = bias
+    # This block's entries are the dict's tail (a module's hooks run after its children): put them in HF order.
+    mine = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+    for key in [prefix + k for k in _BLOCK_STATE_ORDER if prefix + k in mine] + list(mine):
+        if key in mine:
+            state[key] = mine.pop(key)
+
+
+def _join_fused_state(block: GPTJBlock, state: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                      missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    names = [f"{prefix}{part}.weight" for part in FUSED_PARTS]
+    if all(name in state for name in names):  # else load_state_dict reports what is missing
+        state[f"{prefix}{FUSED_MODULE}.weight"] = torch.cat([state.pop(name) for name in names])
+    if f"{prefix}mlp.fc_in.bias" in state:
+        state[f"{prefix}{FUSED_MODULE}.bias"] = state.pop(f"{prefix}mlp.fc_in.bias")
 
 
 # --- packed sequences -----------------------------------------------------------------------------
@@ -429,12 +549,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Te
 class GPTJModel(nn.Module):
     """Embeddings, `n_layer` parallel blocks, final LayerNorm. Returns hidden states (B, T, n_embd)."""
 
-    def __init__(self, config: GPTJConfig):
+    def __init__(self, config: GPTJConfig, *, fused_projections: bool = False):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList([GPTJBlock(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([GPTJBlock(config, fused=fused_projections) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
 
@@ -494,8 +614,15 @@ class GPTJModel(nn.Module):
 
 @torch.no_grad()
 def init_module_weights(module: nn.Module, initializer_range: float) -> None:
-    """HF GPT-J's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorm."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    """HF GPT-J's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorm.
+    Called on each module in `modules()` order, a fused block draws the same numbers as an unfused one."""
+    if isinstance(module, FusedInputProjection):
+        module.init_weights(initializer_range)
+    elif isinstance(module, nn.Linear) and hasattr(module, "_drawn_weight"):  # a fused block's out_proj
+        module.weight.copy_(module.__dict__.pop("_drawn_weight"))
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.normal_(mean=0.0, std=initializer_range)
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()

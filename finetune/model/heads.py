@@ -57,10 +57,10 @@ def _check_reduction(loss_reduction: str) -> None:
 class GPTJPreTrainedModel(nn.Module):
     """Shared by the heads: the `transformer` backbone, weight init, activation checkpointing switch."""
 
-    def __init__(self, config: GPTJConfig):
+    def __init__(self, config: GPTJConfig, *, fused_projections: bool = False):
         super().__init__()
         self.config = config
-        self.transformer = GPTJModel(config)
+        self.transformer = GPTJModel(config, fused_projections=fused_projections)
 
     def init_weights(self) -> None:
         """HF's random init (call on a materialized model; ZeRO-3 callers gather each module first)."""
@@ -77,8 +77,9 @@ class GPTJPreTrainedModel(nn.Module):
 
 
 class GPTJForCausalLM(GPTJPreTrainedModel):
-    def __init__(self, config: GPTJConfig, *, loss_chunk_tokens: Optional[int] = None):
-        super().__init__(config)
+    def __init__(self, config: GPTJConfig, *, loss_chunk_tokens: Optional[int] = None,
+                 fused_projections: bool = False):
+        super().__init__(config, fused_projections=fused_projections)
         self.lm_head = LMHead(config.n_embd, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -146,8 +147,8 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
 
 
 class GPTJForSequenceClassification(GPTJPreTrainedModel):
-    def __init__(self, config: GPTJConfig):
-        super().__init__(config)
+    def __init__(self, config: GPTJConfig, *, fused_projections: bool = False):
+        super().__init__(config, fused_projections=fused_projections)
         self.num_labels = config.num_labels
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
 
@@ -197,8 +198,8 @@ class GPTJForSequenceClassification(GPTJPreTrainedModel):
 
 
 class GPTJForQuestionAnswering(GPTJPreTrainedModel):
-    def __init__(self, config: GPTJConfig):
-        super().__init__(config)
+    def __init__(self, config: GPTJConfig, *, fused_projections: bool = False):
+        super().__init__(config, fused_projections=fused_projections)
         self.qa_outputs = nn.Linear(config.n_embd, 2)
 
     def forward(
@@ -267,18 +268,21 @@ ARCHITECTURES = {cls: cls.__name__ for cls in HEADS.values()}
 
 def build_model(
     config: GPTJConfig, *, task: str = "clm", device: torch.device | str | None = None, init: bool = True,
-    loss_chunk_tokens: Optional[int] = None,
+    loss_chunk_tokens: Optional[int] = None, fused_projections: bool = False,
 ) -> GPTJPreTrainedModel:
     """Build GPT-J with the head of `task` (clm | cls | qa).
 
     device="meta" builds shapes only (no memory), for loading weights tensor by tensor afterwards.
     init=False skips the random init (the weights will be overwritten by a checkpoint anyway).
     loss_chunk_tokens (clm only): compute the loss with labels this many tokens at a time (None: full logits).
+    fused_projections: each block computes q/k/v_proj and fc_in as one matrix product (training speed); the
+    state dict keeps Hugging Face's names either way (finetune.model.gptj.FusedInputProjection).
     """
     if task not in HEADS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(HEADS)}.")
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = HEADS[task](config, loss_chunk_tokens=loss_chunk_tokens) if task == "clm" else HEADS[task](config)
+        extra = {"loss_chunk_tokens": loss_chunk_tokens} if task == "clm" else {}
+        model = HEADS[task](config, fused_projections=fused_projections, **extra)
     if init and str(device) != "meta":
         model.init_weights()
     return model

@@ -28,7 +28,7 @@ from torch import nn
 
 from finetune.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_private, new_file_mode, swap_into_place
 from finetune.model import HEADS, GPTJConfig, GPTJPreTrainedModel, ModelConfigError, build_model
-from finetune.model.gptj import init_module_weights
+from finetune.model.gptj import FUSED_MODULE, FUSED_PARTS, init_module_weights, split_fused
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,32 @@ class _CheckpointReader:
         tensor, owned = self._raw(name)
         return tensor.to(device=device, dtype=dtype, copy=not owned)
 
+    def read_joined(self, names: list[str], *, dtype: torch.dtype, device: torch.device,
+                    mapped: bool = False) -> torch.Tensor:
+        """Tensors `names` stacked along dim 0 (a fused block's weight from its four HF tensors), or the one tensor."""
+        if len(names) == 1:
+            return self.read(names[0], dtype=dtype, device=device, mapped=mapped)
+        return torch.cat([self.read(n, dtype=dtype, device=device) for n in names])
+
+    def read_flat_joined(self, names: list[str], start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of `names` stacked along dim 0 and flattened: stacking along dim 0 concatenates
+        the flattened tensors, so each piece comes from the tensor that holds it."""
+        pieces, offset = [], 0
+        for name in names:
+            size = math.prod(self.shapes[name])
+            lo, hi = max(start, offset), min(end, offset + size)
+            if lo < hi:
+                pieces.append(self.read_flat(name, lo - offset, hi - offset))
+            offset += size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def joined_shape(self, names: list[str]) -> Optional[tuple[int, ...]]:
+        """The shape of `names` stacked along dim 0; None when one is absent or their trailing dims differ."""
+        shapes = [self.shapes.get(n) for n in names]
+        if any(s is None or len(s) == 0 for s in shapes) or len({s[1:] for s in shapes}) != 1:
+            return shapes[0] if len(shapes) == 1 else None
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the flattened tensor, reading only the rows that hold them when it can.
         May be a view into a file map: copy it, then drop it."""
@@ -315,6 +341,63 @@ def _parameter_slots(model: nn.Module) -> dict[str, tuple[nn.Parameter, list[tup
     return {name: (param, holders) for name, param, holders in slots.values()}
 
 
+def hf_names_of(param_name: str) -> list[str]:
+    """The Hugging Face tensors a parameter holds, in order along dim 0: four for a fused block's weight
+    (finetune.model.gptj.FusedInputProjection), fc_in's bias for its bias, else the parameter's own name."""
+    owner, _, attr = param_name.rpartition(".")
+    block, dot, module = owner.rpartition(".")
+    if module != FUSED_MODULE:
+        return [param_name]
+    prefix = block + dot
+    return [f"{prefix}{part}.weight" for part in FUSED_PARTS] if attr == "weight" else [f"{prefix}mlp.fc_in.bias"]
+
+
+def hf_state_dict(state: Mapping[str, Any], config: GPTJConfig) -> dict[str, Any]:
+    """`state` with a fused block's tensors split into Hugging Face's (views; lazy tensors stay lazy), e.g. a
+    ZeRO-3 consolidated state dict (DeepSpeed names it by parameter, not through the module's state-dict hooks)."""
+    from finetune.model.gptj import fused_part_rows
+
+    out: dict[str, Any] = {}
+    for name, tensor in state.items():
+        names = hf_names_of(name)
+        if len(names) == 1:
+            out[names[0]] = tensor
+        elif isinstance(tensor, torch.Tensor):
+            out.update(zip(names, split_fused(tensor, fused_part_rows(config))))
+        else:  # a tensor DeepSpeed gathers on demand: gathered once, when the first of its parts is saved
+            out.update(zip(names, _LazyRows.parts(tensor, fused_part_rows(config))))
+    return out
+
+
+class _LazyRows:
+    """Rows [start, end) of a lazily gathered tensor (tools/export's), gathering it once for all its parts."""
+
+    def __init__(self, source: Any, start: int, end: int, shared: dict[str, Any]):
+        self._source, self._start, self._end, self._shared = source, start, end, shared
+        self.shape = torch.Size((end - start, *source.shape[1:]))
+        self.dtype = source.dtype
+
+    @classmethod
+    def parts(cls, source: Any, rows: tuple[int, ...]) -> list["_LazyRows"]:
+        shared: dict[str, Any] = {"left": len(rows)}
+        bounds = [0, *torch.tensor(rows).cumsum(0).tolist()]
+        return [cls(source, a, b, shared) for a, b in zip(bounds, bounds[1:])]
+
+    def materialize(self) -> torch.Tensor:
+        if "tensor" not in self._shared:
+            self._shared["tensor"] = self._source.materialize()
+        part = self._shared["tensor"][self._start:self._end].clone()
+        self._shared["left"] -= 1
+        if self._shared["left"] == 0:
+            self._shared.pop("tensor")
+        return part
+
+    detach = contiguous = materialize
+
+    def float(self) -> torch.Tensor:
+        return self.materialize().float()
+
+
 def _first(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
@@ -356,19 +439,22 @@ def load_state_into(
     key_of = {prefix + n: n for n in names}
     slots = _parameter_slots(model)
     heads = tuple(f"{h}." for h in model.head_names)
+    # A fused block's weight is read from the four HF tensors it stacks (hf_names_of).
+    sources = {name: [key_of.get(n) for n in hf_names_of(name)] for name in slots}
 
     missing, misshaped, fresh = [], [], []
     for name, (param, _) in slots.items():
-        key = key_of.get(name)
-        shape_ok = key is not None and reader.shapes[key] == _shape(param)
-        if shape_ok:
+        keys = sources[name]
+        shape = reader.joined_shape(keys) if None not in keys else None
+        if shape == _shape(param):
             continue
         if name.startswith(heads):
             fresh.append(name)
-        elif key is None:
-            missing.append(name)
+        elif None in keys:
+            missing.extend(n for n, k in zip(hf_names_of(name), keys) if k is None)
         else:
-            misshaped.append(f"{name} (checkpoint {list(reader.shapes[key])}, model {list(_shape(param))})")
+            misshaped.append(f"{name} (checkpoint {list(shape) if shape else [reader.shapes[k] for k in keys]}, "
+                             f"model {list(_shape(param))})")
     if missing or misshaped:
         problems = ([f"missing tensors: {_first(missing)}"] if missing else []) + (
             [f"wrongly shaped tensors: {_first(misshaped, 3)}"] if misshaped else [])
@@ -380,17 +466,19 @@ def load_state_into(
 
     report = LoadReport(model_dir=model_dir, format=reader.format, initialized=fresh)
     # Every name, tied aliases included: a checkpoint's copy of a tied lm_head.weight is not "unused".
-    report.unused = sorted(set(key_of) - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+    report.unused = sorted(set(key_of) - {n for p, _ in model.named_parameters(remove_duplicate=False)
+                                          for n in hf_names_of(p)})
     _init_fresh(model, fresh, dtype=dtype, device=device)
     for name, (param, holders) in slots.items():
         if name in fresh:
             continue
         if _is_partitioned(param):
-            _load_partition(param, reader, key_of[name])
+            _load_partition(param, reader, sources[name])
         else:
             target_device = torch.device(device) if device is not None else (
                 torch.device("cpu") if param.is_meta else param.device)
-            tensor = reader.read(key_of[name], dtype=dtype or param.dtype, device=target_device, mapped=mapped)
+            tensor = reader.read_joined(sources[name], dtype=dtype or param.dtype, device=target_device,
+                                        mapped=mapped)
             new = (materialize(name, tensor, param) if materialize is not None
                    else nn.Parameter(tensor, requires_grad=param.requires_grad))
             del tensor  # a quantized `new` does not hold it: one 16-bit tensor alive at a time
@@ -452,8 +540,9 @@ def _group_rank(param: nn.Parameter) -> int:
     return dist.get_rank(group=param.ds_process_group)
 
 
-def _load_partition(param: nn.Parameter, reader: _CheckpointReader, key: str) -> None:
-    """Copy this rank's slice of checkpoint tensor `key` into the ZeRO-3 partition of `param`.
+def _load_partition(param: nn.Parameter, reader: _CheckpointReader, keys: list[str]) -> None:
+    """Copy this rank's slice of checkpoint tensors `keys` (stacked along dim 0: one tensor, or a fused block's
+    four) into the ZeRO-3 partition of `param`.
 
     DeepSpeed (runtime/zero/partition_parameters.py, `_partition_param`) pads the flattened tensor to a
     multiple of the world size and gives rank r elements [r * ds_tensor.ds_numel, (r + 1) * ds_tensor.ds_numel);
@@ -464,13 +553,13 @@ def _load_partition(param: nn.Parameter, reader: _CheckpointReader, key: str) ->
     if _needs_gather(param):
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if _group_rank(param) == 0:
-                param.data.copy_(reader.read(key, dtype=param.dtype, device=param.device))
+                param.data.copy_(reader.read_joined(keys, dtype=param.dtype, device=param.device))
         return
     size = param.ds_tensor.ds_numel
     start = _group_rank(param) * size
     end = min(start + size, param.ds_numel)
     if start < end:
-        param.ds_tensor.narrow(0, 0, end - start).copy_(reader.read_flat(key, start, end))
+        param.ds_tensor.narrow(0, 0, end - start).copy_(reader.read_flat_joined(keys, start, end))
 
 
 def load_pretrained(
@@ -562,7 +651,7 @@ def save_pretrained(
         # safetensors writes through a private (0600) temp file; its files get the permissions any new file gets.
         file_mode = PRIVATE_FILE_MODE if private else new_file_mode(staging)
         for filename, names in split.filename_to_tensors.items():
-            shard = {n: state[n].detach().to(dtype=dtype or state[n].dtype).contiguous() for n in names}
+            shard = {n: _own_memory(state[n].detach().to(dtype=dtype or state[n].dtype).contiguous()) for n in names}
             if safe_serialization:
                 save_file(shard, staging / filename, metadata={"format": "pt"})
                 os.chmod(staging / filename, file_mode)
@@ -585,8 +674,14 @@ def save_pretrained(
         raise
 
 
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a view into a larger tensor (a fused weight's part): safetensors refuses tensors sharing memory."""
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.nbytes else tensor
+
+
 def _state_to_save(model_or_state_dict, *, config: GPTJConfig, task: str) -> dict[str, torch.Tensor]:
-    """The state dict, checked against the model `config` and `task` describe, so what is saved loads."""
+    """The state dict in Hugging Face's names (fused blocks split), checked against the model `config` and `task`
+    describe, so what is saved loads."""
     if isinstance(model_or_state_dict, nn.Module):
         if any(_is_partitioned(p) for p in model_or_state_dict.parameters()):
             raise CheckpointError(
@@ -595,7 +690,7 @@ def _state_to_save(model_or_state_dict, *, config: GPTJConfig, task: str) -> dic
             )
         state = model_or_state_dict.state_dict()
     else:
-        state = dict(model_or_state_dict)
+        state = hf_state_dict(model_or_state_dict, config)
     expected = build_model(config, task=task, device="meta").state_dict()
     if config.tie_word_embeddings:
         # safetensors stores no aliases; HF re-ties lm_head to the embedding on load.

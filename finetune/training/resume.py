@@ -66,8 +66,9 @@ class RunLayout:
         return cls(**values)
 
 
-def model_signature(config: Any, *, task: str, lora: LoraConfig) -> dict[str, Any]:
-    """What decides the parameters a checkpoint holds: the head, the weight shapes and the LoRA adapters.
+def model_signature(config: Any, *, task: str, lora: LoraConfig, fused_projections: bool = False) -> dict[str, Any]:
+    """What decides the parameters a checkpoint holds: the head, the weight shapes, the LoRA adapters, and whether
+    the blocks fuse their projections (the optimizer's flat state is laid out by parameter; absent when unfused).
 
     `config` is the GPTJConfig the run builds (num_labels counts for the classification head only)."""
     signature: dict[str, Any] = {"task": task, **{key: getattr(config, key) for key in SHAPE_FIELDS}}
@@ -79,6 +80,8 @@ def model_signature(config: Any, *, task: str, lora: LoraConfig) -> dict[str, An
          **({"quantize_base": lora.quantize_base} if lora.quantized else {})}
         if lora.enabled else None
     )
+    if fused_projections:
+        signature["fused_projections"] = True
     return signature
 
 
@@ -92,7 +95,7 @@ def check_same_model(saved: Optional[dict[str, Any]], current: dict[str, Any], *
         raise ConfigError(
             f"The checkpoint {checkpoint} holds another model than this launch builds ({'; '.join(differences)}), "
             "so its weights cannot be loaded. Relaunch with the model settings of that run (model=..., "
-            "model.overrides, task=..., lora=...), or point hydra.run.dir at a new directory to start a new run; "
+            "model.overrides, model.fused_projections, task=..., lora=...), or point hydra.run.dir at a new directory to start a new run; "
             "nothing in the run dir was changed."
         )
 

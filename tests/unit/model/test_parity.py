@@ -10,6 +10,7 @@ from finetune.model import (
     GPTJForSequenceClassification,
     build_model,
 )
+from finetune.model.hf_weights import hf_state_dict
 
 TINY = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=3, n_head=4, rotary_dim=8)
 PAIRS = {
@@ -20,12 +21,13 @@ PAIRS = {
 PAD = 999  # a pad id that never appears among the real tokens
 
 
-def make_pair(task: str, **overrides):
+def make_pair(task: str, *, fused: bool = False, **overrides):
     torch.manual_seed(0)
     hf_config = transformers.GPTJConfig(**{**TINY, **overrides}, num_labels=3, pad_token_id=PAD)
     hf_config._attn_implementation = "eager"
     hf = PAIRS[task][1](hf_config).eval()
-    ours = build_model(GPTJConfig(**{**TINY, **overrides}, num_labels=3, pad_token_id=PAD), task=task).eval()
+    ours = build_model(GPTJConfig(**{**TINY, **overrides}, num_labels=3, pad_token_id=PAD), task=task,
+                       fused_projections=fused).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return ours, hf
 
@@ -50,10 +52,16 @@ def outputs_of(out, task):
     return [out.logits]
 
 
+def grads_by_hf_name(model):
+    """Gradients under HF's parameter names (a fused block's split into q/k/v_proj and fc_in)."""
+    return hf_state_dict({n: p.grad for n, p in model.named_parameters()}, model.config)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("task", ["clm", "cls", "qa"])
 @pytest.mark.parametrize("side", ["none", "right", "left"])
-def test_logits_loss_and_grads_match_transformers(task, side):
-    ours, hf = make_pair(task)
+def test_logits_loss_and_grads_match_transformers(task, side, fused):
+    ours, hf = make_pair(task, fused=fused)
     if side == "none":
         ids = torch.randint(0, PAD, (2, 10))
         mask, positions = torch.ones_like(ids), None
@@ -89,8 +97,10 @@ def test_logits_loss_and_grads_match_transformers(task, side):
     out_ours.loss.backward()
     out_hf.loss.backward()
     hf_grads = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, hf_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    ours_grads = grads_by_hf_name(ours)
+    assert set(ours_grads) == set(hf_grads)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, hf_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("problem_type,labels", [
@@ -113,16 +123,18 @@ def test_regression_single_output_matches_transformers():
     torch.testing.assert_close(ours(ids, labels=labels).loss, hf(input_ids=ids, labels=labels).loss)
 
 
-def test_full_rotary_and_other_activation_match_transformers():
-    ours, hf = make_pair("clm", rotary_dim=16, activation_function="gelu")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_full_rotary_and_other_activation_match_transformers(fused):
+    ours, hf = make_pair("clm", fused=fused, rotary_dim=16, activation_function="gelu")
     ids = torch.randint(0, PAD, (2, 9))
     torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_state_dict_names_equal_transformers():
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_state_dict_names_equal_transformers(fused):
     for task, (ours_cls, hf_cls) in PAIRS.items():
         with torch.device("meta"):
-            ours = ours_cls(GPTJConfig())
+            ours = ours_cls(GPTJConfig(), fused_projections=fused)
             hf = hf_cls(transformers.GPTJConfig())
         assert set(ours.state_dict()) == set(hf.state_dict()), task
         assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
