@@ -432,8 +432,10 @@ def _split_fused_state(block: GPTJBlock, state: dict[str, Any], prefix: str, loc
 def _join_fused_state(block: GPTJBlock, state: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
                       missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
     names = [f"{prefix}{part}.weight" for part in FUSED_PARTS]
-    if all(name in state for name in names):  # else load_state_dict reports what is missing
+    if all(name in state for name in names):
         state[f"{prefix}{FUSED_MODULE}.weight"] = torch.cat([state.pop(name) for name in names])
+    elif any(name in state for name in names):  # name the HF tensors that are absent, not just the fused one
+        missing_keys.extend(name for name in names if name not in state)
     if f"{prefix}mlp.fc_in.bias" in state:
         state[f"{prefix}{FUSED_MODULE}.bias"] = state.pop(f"{prefix}mlp.fc_in.bias")
 
