@@ -126,6 +126,7 @@ def run_shape(run: RunConfig) -> RunShape:
         lora_train_head=run.lora.trains_head(run.task),  # a trained head is held twice under peft
         chunked_loss=run.model.chunked_loss,
         loss_chunk_tokens=run.model.loss_chunk_tokens,
+        fused_projections=run.model.uses_fused_projections(run.lora),
     )
 
 

@@ -109,6 +109,8 @@ class RunShape:
     # from the vocabulary, finetune.model.chunked_loss.default_chunk_tokens). False: full fp32 logits, as transformers.
     chunked_loss: bool = False
     loss_chunk_tokens: Optional[int] = None
+    # model.fused_projections: q/k/v_proj and fc_in as one (3d + f) x d weight per block (full fine-tuning only).
+    fused_projections: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
@@ -295,10 +297,17 @@ def parameter_tensors(shape: ModelShape, run: Optional[RunShape] = None) -> list
         "fc_in": ("mlp.fc_in", d, f, True),
         "fc_out": ("mlp.fc_out", f, d, True),
     }
+    fused = run is not None and run.fused_projections and not lora
+    if fused:  # finetune.model.gptj.FusedInputProjection: one module, ahead of out_proj and fc_out
+        linears = {"qkv_fc_in": ("qkv_fc_in", d, 3 * d + f, True),
+                   **{k: v for k, v in linears.items() if k in ("out_proj", "fc_out")}}
     for i in range(shape.n_layer):
         block = f"transformer.h.{i}"
         out += [ParamTensor(f"{block}.ln_1", d, full), ParamTensor(f"{block}.ln_1", d, full)]
         for name, (path, n_in, n_out, bias) in linears.items():
+            if name == "qkv_fc_in":  # its bias is fc_in's alone
+                out += [ParamTensor(f"{block}.{path}", n_in * n_out, full), ParamTensor(f"{block}.{path}", f, full)]
+                continue
             module = f"{block}.{path}"
             out.append(ParamTensor(module, n_in * n_out, full, quantized=lora and run.quantized_base))
             if bias:
@@ -633,7 +642,8 @@ def activation_bytes_per_layer(shape: ModelShape, run: RunShape) -> int:
 
     Saved per token: the block input (kept by ln_1); ln_1's output when a layer reading it trains
     its weight on it; rotary q and k, v and the SDPA output (whose merged-heads view is out_proj's
-    input): 4·d; the GELU's f-wide tensors and fc_out's input when fc_out trains; LayerNorm mean and
+    input): 4·d, and 2·d more with fused projections (the fused product's q and k columns stay with
+    it); the GELU's f-wide tensors and fc_out's input when fc_out trains; LayerNorm mean and
     rstd and SDPA's logsumexp per head in fp32. Under LoRA the frozen layers keep no inputs, and each
     target keeps lora_B's rank-r input plus, with dropout, its dropped-out input and the mask.
     The first block under LoRA keeps less (its input needs no gradient); this counts every block in full.
@@ -648,6 +658,9 @@ def _layer_bytes_per_token(shape: ModelShape, run: RunShape) -> tuple[int, str]:
         return not run.lora or (linear in run.lora_targets and run.lora_dropout == 0)
 
     n_d = 1 + any(keeps_input(n) for n in ("q_proj", "k_proj", "v_proj", "fc_in")) + 4
+    if run.fused_projections and not run.lora:
+        # The GELU's input and v are views of the one fused product, which keeps its q and k columns alive too.
+        n_d += 2
     n_f = GELU_SAVED_TENSORS + keeps_input("fc_out")
     per_token = (n_d * d + n_f * f) * b + (2 + h) * 4
     formula = f"({n_d}d + {n_f}f)·b + (2 + h)·4"

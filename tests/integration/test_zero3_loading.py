@@ -39,6 +39,9 @@ def test_zero3_ranks_load_their_partitions_bit_exact(tmp_path, run_ranks):
         # Each rank holds its half (rounded up per tensor), not the whole model.
         held, total = result["sliced"]["partition_numel"], result["sliced"]["model_numel"]
         assert total / WORLD <= held <= total / WORLD + result["sliced"]["tensors"]
+        # Fused projections: each rank's slice of the fused weight comes from the four HF tensors it stacks.
+        assert result["fused"]["mismatches"] == [] and result["fused"]["checked"] == TINY["n_layer"] * 2, r
+        assert result["fused"]["partition_numel"] == held
         assert result["fresh_head"]["initialized"] == ["score.weight"]
         assert 0.005 < result["fresh_head"]["std"] < 0.05
     # The fresh head came from rank 0's init and is the same on every rank.
@@ -63,9 +66,9 @@ def rank_main(work: Path) -> None:
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     config = GPTJConfig(**TINY)
 
-    def build(task):
+    def build(task, fused=False):
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            return build_model(config, task=task, init=False)
+            return build_model(config, task=task, init=False, fused_projections=fused)
 
     def compare(model, report):
         mismatches, checked = [], 0
@@ -87,6 +90,19 @@ def rank_main(work: Path) -> None:
         "model_numel": sum(p.ds_numel for p in params),
         "tensors": len(params),
     }
+
+    model = build("clm", fused=True)
+    report = checkpoint.load_state_into(model, ckpt)
+    mismatches, checked = [], 0
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            parts = [expected[n] for n in checkpoint.hf_names_of(name)]
+            if len(parts) > 1 or name.endswith("qkv_fc_in.bias"):
+                checked += 1
+            if not torch.equal(param.data, torch.cat(parts)):
+                mismatches.append(name)
+    results["fused"] = {"mismatches": mismatches, "checked": checked,
+                        "partition_numel": sum(p.ds_tensor.ds_numel for p in model.parameters())}
 
     # The fallback for partitions that cannot be written in place (NVMe, quantized, ZeRO++):
     # gather each tensor, rank 0 copies it in. Also: a causal-LM checkpoint into a classifier.

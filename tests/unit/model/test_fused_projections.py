@@ -228,3 +228,22 @@ def test_resume_signature_tells_fused_from_unfused():
     fused = model_signature(config, task="clm", lora=lora, fused_projections=True)
     with pytest.raises(ConfigError, match="fused_projections"):
         check_same_model(unfused, fused, checkpoint="ckpt")
+
+
+def test_planner_counts_the_fused_model():
+    """The memory planner lists the fused model's own parameters (the same count, one tensor where four were) and
+    the q and k columns the fused product keeps alive in training: 2 * n_embd more per token per layer."""
+    from finetune.planning.estimate import (PRECISION_BYTES, PRESET_SHAPES, RunShape, activation_bytes_per_layer,
+                                            parameter_tensors)
+
+    shape = PRESET_SHAPES["gptj-6b"]
+    unfused, fused = RunShape(activation_checkpointing=False), RunShape(activation_checkpointing=False,
+                                                                        fused_projections=True)
+    tensors = parameter_tensors(shape, fused)
+    assert sum(t.numel for t in tensors) == sum(t.numel for t in parameter_tensors(shape, unfused)) == 6_050_882_784
+    model = build_model(GPTJConfig(), task="clm", device="meta", fused_projections=True)
+    assert [t.numel for t in tensors] == [p.numel() for p in model.parameters()]  # the same tensors, in order
+    extra = activation_bytes_per_layer(shape, fused) - activation_bytes_per_layer(shape, unfused)
+    assert extra == 2 * shape.n_embd * PRECISION_BYTES[fused.precision] * fused.seq_len * fused.micro_batch_size
+    lora = RunShape(lora_rank=8, fused_projections=True)  # LoRA keeps the separate layers
+    assert len(parameter_tensors(shape, lora)) == len(parameter_tensors(shape, RunShape(lora_rank=8)))
