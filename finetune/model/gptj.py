@@ -380,9 +380,10 @@ class GPTJBlock(nn.Module):
 
     def __init__(self, config: GPTJConfig, *, fused: bool = False):
         super().__init__()
+        ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         attn, mlp = GPTJAttention(config, fused=fused), GPTJMLP(config, fused=fused)
         # Registered in this order so that modules() visits q/k/v/fc_in before out_proj (see init_weights).
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = ln_1
         self.qkv_fc_in = FusedInputProjection(config, attn.out_proj) if fused else None
         self.attn, self.mlp = attn, mlp
         if fused:
