@@ -51,3 +51,14 @@ def test_packing_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"data\.packing=documents .* for task=cls use data\.packing=examples"):
         parse("task=cls", "data.packing=documents")
     assert packing_mode(parse("task=clm", "data.packing=documents").data, "clm") == "documents"
+
+
+def test_fused_projections_from_the_command_line():
+    assert parse("task=clm").model.uses_fused_projections(parse("task=clm").lora)  # auto: full fine-tuning fuses
+    run = parse("task=clm", "lora=lora")
+    assert run.model.fused_projections == "auto" and not run.model.uses_fused_projections(run.lora)
+    assert parse("task=clm", "model.fused_projections=false").model.fused_projections is False
+    with pytest.raises(ConfigError, match=r"model\.fused_projections=true cannot be combined with LoRA.*=auto"):
+        parse("task=clm", "lora=qlora", "model.fused_projections=true")
+    with pytest.raises(ConfigError, match=r"model\.fused_projections='yes' is invalid: use auto"):
+        parse("task=clm", "model.fused_projections=yes")
