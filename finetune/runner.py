@@ -417,6 +417,10 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
         if notice and info.is_main:
             print(notice, flush=True)
         run = dataclasses.replace(run, trainer=trainer)
+    if point is not None and run.model.fused_projections == "auto":
+        # auto follows the checkpoint: one written unfused (or before the option existed) resumes unfused.
+        fused = (point.model or {}).get("fused_projections", False) and not run.lora.enabled
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, fused_projections=fused))
     base, source = deepspeed_json(run, is_main=info.is_main, run_dir=run_dir, world_size=info.world_size,
                                   resuming=point.layout if point is not None else None)
     largest_param = largest_parameter_numel(model_config(run, {}), task=run.task)
