@@ -95,8 +95,8 @@ def check_same_model(saved: Optional[dict[str, Any]], current: dict[str, Any], *
         raise ConfigError(
             f"The checkpoint {checkpoint} holds another model than this launch builds ({'; '.join(differences)}), "
             "so its weights cannot be loaded. Relaunch with the model settings of that run (model=..., "
-            "model.overrides, model.fused_projections, task=..., lora=...), or point hydra.run.dir at a new directory to start a new run; "
-            "nothing in the run dir was changed."
+            "model.overrides, model.fused_projections, task=..., lora=...), or point hydra.run.dir at a new "
+            "directory to start a new run; nothing in the run dir was changed."
         )
 
 

@@ -60,7 +60,7 @@ def grads_by_hf_name(model):
 @pytest.mark.parametrize("task", ["clm", "cls", "qa"])
 @pytest.mark.parametrize("side,fused", [
     ("none", False), ("right", False), ("left", False),
-    # Fused projections (model.fused_projections): left padding in CI (masks, positions, pads); the rest in make test-all.
+    # Fused projections: left padding in CI (masks, positions, pads); the rest in make test-all.
     pytest.param("none", True, marks=pytest.mark.slow), pytest.param("right", True, marks=pytest.mark.slow),
     ("left", True),
 ])
