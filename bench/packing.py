@@ -182,6 +182,7 @@ def measure(task_name: str, dataset: str, directory: Path, args) -> dict:
         optimizers[layout] = torch.optim.AdamW(models[layout].parameters(), lr=1e-4)
         streams[layout] = stream(layout)
     seconds = {layout: [] for layout in layouts}
+    cpu_seconds = {layout: [] for layout in layouts}  # this process's CPU time: what a loaded machine perturbs least
     tokens = {layout: 0 for layout in layouts}
     examples = {layout: 0 for layout in layouts}
     losses = {layout: [] for layout in layouts}
@@ -189,7 +190,7 @@ def measure(task_name: str, dataset: str, directory: Path, args) -> dict:
         for layout in (layouts if step % 2 == 0 else layouts[::-1]):
             model, optimizer = models[layout], optimizers[layout]
             gptj.packed_attention = per_example_attention if layout == "packed_loop" else one_call_attention
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step_loss, step_tokens, step_examples = 0.0, 0, 0
             for _ in range(args.grad_accum):
                 _, batch = next(streams[layout])
@@ -202,12 +203,15 @@ def measure(task_name: str, dataset: str, directory: Path, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if step >= args.warmup:
                 seconds[layout].append(time.perf_counter() - t0)
+                cpu_seconds[layout].append(time.process_time() - c0)
                 tokens[layout] += step_tokens
                 examples[layout] += step_examples
             losses[layout].append(step_loss)
     gptj.packed_attention = one_call_attention
     throughput = {layout: {"real_tokens_per_s": tokens[layout] / sum(seconds[layout]),
                            "examples_per_s": examples[layout] / sum(seconds[layout]),
+                           "real_tokens_per_cpu_s": tokens[layout] / sum(cpu_seconds[layout]),
+                           "examples_per_cpu_s": examples[layout] / sum(cpu_seconds[layout]),
                            "s_per_step": statistics.median(seconds[layout]),
                            "spread": [min(seconds[layout]), max(seconds[layout])], "losses": losses[layout][:3]}
                   for layout in layouts}
@@ -249,6 +253,19 @@ def main(args) -> None:
               + f"{speed['packed'] / speed['padded']:.2f} | {speed['packed'] / speed['grouped']:.2f} | "
               + "".join(f"{speed['packed'] / speed[x]:.2f} | " for x in loop)
               + f"{t['padded']['examples_per_s']:.1f} | {t['packed']['examples_per_s']:.1f} |")
+    print("\nPer CPU second of this process (run with OMP_NUM_THREADS=1: the same work whatever the machine's load):\n")
+    print("| task | data | real tokens per CPU s: padded | grouped | packed | " + "".join(f"{x} | " for x in loop)
+          + "packed / padded | packed / grouped | " + "".join("packed / packed_loop | " for _ in loop)
+          + "examples per CPU s: padded | packed |")
+    print("|---" * (9 + 2 * len(loop)) + "|")
+    for r in results:
+        t = r["throughput"]
+        cpu = {x: t[x]["real_tokens_per_cpu_s"] for x in t}
+        print(f"| {r['task']} | {r['dataset']} | {cpu['padded']:.0f} | {cpu['grouped']:.0f} | {cpu['packed']:.0f} | "
+              + "".join(f"{cpu[x]:.0f} | " for x in loop)
+              + f"{cpu['packed'] / cpu['padded']:.2f} | {cpu['packed'] / cpu['grouped']:.2f} | "
+              + "".join(f"{cpu['packed'] / cpu[x]:.2f} | " for x in loop)
+              + f"{t['padded']['examples_per_cpu_s']:.1f} | {t['packed']['examples_per_cpu_s']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

@@ -9,6 +9,7 @@ profiler saw (aten::item / aten::_local_scalar_dense: a device->host read; on a 
     python bench/step_profile.py --task qa                  # width 1024, qa, packed
     python bench/step_profile.py --task clm --steps 3       # clm (instruction data as bench/peer.py)
     python bench/step_profile.py --task qa --width 64 --layers 2 --heads 4 --rotary-dim 16   # tiny: overheads
+    python bench/step_profile.py --task qa --glibc-default  # before the loop kept freed host memory
 
 `--trace FILE` also writes a Chrome trace (chrome://tracing, https://ui.perfetto.dev).
 """
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="write a Chrome trace here")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="leave glibc's malloc as it is (the loop's keep_freed_memory off): the profile before that fix")
     p.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
     p.add_argument("--json", help="write the table here")
     return p.parse_args(argv)
@@ -104,6 +107,8 @@ def profile(args) -> dict:
             profiler.stop()
 
     loop._Meter.start, loop._Meter.end_step = start, end_step
+    if args.glibc_default:
+        loop.keep_freed_memory = lambda: False
     with tempfile.TemporaryDirectory() as tmp:
         runner.register_resolvers()
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
