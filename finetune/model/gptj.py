@@ -431,7 +431,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         return y[0].transpose(0, 1)
     n, longest = packed.gather_index.shape
     q, k, v = (t[packed.gather_index].transpose(1, 2) for t in (q, k, v))  # (n, n_head, longest, head_dim)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=longest > 1)
+    # is_causal also for longest == 1 (a 1 x 1 causal mask is no mask): a plain bool keeps dynamic shapes compilable
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return y.transpose(1, 2).reshape(n * longest, n_head, head_dim)[packed.scatter_index]
 
 

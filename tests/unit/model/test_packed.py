@@ -238,3 +238,14 @@ def test_documents_inside_examples_attend_within_their_document():
     q, k, v = qkv(documents)
     y = packed_attention(q, k, v, finer)
     assert float((y - per_example_attention(q, k, v, documents)).abs().max()) <= attention_rounding_bound(q, k, v, 6)
+
+
+@pytest.mark.slow
+def test_packed_attention_compiles_as_one_graph_without_host_reads():
+    # fullgraph: a host read (.tolist(), bool(tensor)) or an unsupported op inside would raise here
+    compiled = torch.compile(packed_attention, fullgraph=True)
+    for lengths in ([7, 12, 1, 5], [3, 9, 4], [300, 3, 4, 5, 2]):  # the last: the block-diagonal layout
+        q, k, v = qkv(lengths)
+        packed = packed_of(lengths)
+        expected = packed_attention(q, k, v, packed)
+        assert float((compiled(q, k, v, packed) - expected).abs().max()) <= attention_rounding_bound(q, k, v, max(lengths))
