@@ -424,7 +424,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     if flash is not None:
         cu, longest = packed.cu_seq_lens, packed.max_len
         return flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
-    T, n_head, head_dim = q.shape
+    n_head, head_dim = q.shape[1:]
     if packed.block_mask is not None:
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, n_head, T, head_dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.block_mask, dropout_p=dropout_p)
