@@ -444,11 +444,26 @@ def _join_fused_state(block: GPTJBlock, state: dict[str, Any], prefix: str, loca
 # --- packed sequences -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PackedSequences:
-    """The examples of one packed row: `cu_seq_lens` (n + 1,) int32 on the model's device, and their lengths on
-    the host (the kernels and the per-example loop need them there; read once per forward)."""
+    """The examples of one packed row, and how attention lays them out (built once per forward, shared by every
+    layer).
+
+    `cu_seq_lens` (n + 1,) int32 on the model's device; `lengths` on the host (shapes and flash-attn's max length
+    need them there: read once per forward, never inside a layer). Attention runs as ONE kernel call for the row:
+    - padded (default): the n examples gathered into (n, longest) rows, right-padded, with causal attention. A real
+      query then sees only keys of its own example at or before it, never a pad key, so it is exact; pad queries'
+      outputs are dropped (their gradients are zero). Costs n * longest^2 per head.
+    - block-diagonal: one causal (T, T) mask allowing each example's own keys. Costs T^2 per head; chosen when
+      that is less, i.e. when one long example makes padding the others to it dearer (`block_mask` is not None).
+    `gather_index` (n, longest): the row position of each example's j-th token (pads point at a real token);
+    `inside` (n, longest): True where that is a token of the example; `scatter_index` (T,): where each row
+    position's output sits in the flattened (n * longest) padded layout."""
 
     cu_seq_lens: torch.Tensor
     lengths: tuple[int, ...]
+    gather_index: torch.Tensor
+    inside: torch.Tensor
+    scatter_index: torch.Tensor
+    block_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def from_cu_seq_lens(cls, cu_seq_lens: torch.Tensor, total: int) -> "PackedSequences":
@@ -459,22 +474,39 @@ class PackedSequences:
                 f"cu_seq_lens {bounds[:8]}{'...' if len(bounds) > 8 else ''} must rise from 0 to the packed row's "
                 f"length {total} in steps of at least 1 (one step per example)."
             )
-        return cls(cu_seq_lens.to(torch.int32), lengths)
+        return cls._build(cu_seq_lens.to(torch.int32), lengths)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, examples: "PackedSequences") -> "PackedSequences":
         """The runs of a packed row that start at each position 0: `examples`, or finer when an example holds
         several documents (data.packing=documents), each restarting its positions."""
         total = position_ids.shape[1]
-        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-        example_starts = [0, *itertools.accumulate(examples.lengths[:-1])]
-        if starts == example_starts:
+        restarts = position_ids[0] == 0
+        # the common case (one document per example): every restart is an example start; one host read to check
+        if bool((restarts.sum() == len(examples.lengths)) & restarts[examples.cu_seq_lens[:-1].long()].all()):
             return examples
+        starts = restarts.nonzero().flatten().tolist()
+        example_starts = [0, *itertools.accumulate(examples.lengths[:-1])]
         if not set(example_starts) <= set(starts):
             raise ValueError("position_ids of a packed row must restart at 0 where each example of cu_seq_lens starts.")
         bounds = starts + [total]
         cu = torch.tensor(bounds, dtype=torch.int32, device=examples.cu_seq_lens.device)
-        return cls(cu, tuple(b - a for a, b in zip(bounds, bounds[1:])))
+        return cls._build(cu, tuple(b - a for a, b in zip(bounds, bounds[1:])))
+
+    @classmethod
+    def _build(cls, cu_seq_lens: torch.Tensor, lengths: tuple[int, ...]) -> "PackedSequences":
+        device, n, longest, total = cu_seq_lens.device, len(lengths), max(lengths), sum(lengths)
+        starts = cu_seq_lens[:-1].long()
+        offsets = torch.arange(longest, device=device)
+        inside = offsets < (cu_seq_lens[1:].long() - starts)[:, None]  # (n, longest)
+        gather_index = (starts[:, None] + offsets).clamp(max=total - 1)
+        positions = torch.arange(total, device=device)
+        example = torch.bucketize(positions, cu_seq_lens[1:].long(), right=True)  # (T,) each position's example
+        scatter_index = example * longest + positions - starts[example]
+        block_mask = None
+        if total * total < n * longest * longest:
+            block_mask = (example[:, None] == example[None, :]) & (positions[:, None] >= positions[None, :])
+        return cls(cu_seq_lens, lengths, gather_index, inside, scatter_index, block_mask)
 
     @property
     def max_len(self) -> int:
@@ -482,12 +514,16 @@ class PackedSequences:
 
     def position_ids(self, device: torch.device) -> torch.Tensor:
         """(1, total): 0, 1, ... restarting at every example, as each example alone would have."""
-        starts = torch.repeat_interleave(self.cu_seq_lens[:-1].long(), torch.tensor(self.lengths, device=device))
-        return (torch.arange(int(self.cu_seq_lens[-1]), device=device) - starts)[None]
+        return (self.scatter_index % self.gather_index.shape[1])[None].to(device)
 
     def last_token_index(self) -> torch.Tensor:
         """(n,): the index of each example's last token in the packed row."""
         return self.cu_seq_lens[1:].long() - 1
+
+    def per_example(self, row: torch.Tensor, fill: float) -> torch.Tensor:
+        """(total, ...) values of the packed row -> (n, longest, ...) per example, `fill` past each example's end."""
+        inside = self.inside.reshape(*self.inside.shape, *[1] * (row.dim() - 1))
+        return row[self.gather_index].masked_fill(~inside, fill)
 
 
 @functools.cache
@@ -504,22 +540,23 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention within each example of a packed row. q, k, v: (T, n_head, head_dim) -> (T, n_head, head_dim).
 
-    flash-attn's varlen kernel on a GPU (fp16/bf16) when installed; otherwise SDPA once per example, which does
-    exactly the work of the unpacked examples (a block-diagonal mask over the whole row would cost T^2).
+    flash-attn's varlen kernel on a GPU (fp16/bf16) when installed; otherwise ONE SDPA call for the whole row, in
+    the padded or block-diagonal layout that `packed` chose (see PackedSequences), no loop over examples.
     """
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
         cu, longest = packed.cu_seq_lens, packed.max_len
         return flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
-    outputs, start = [], 0
-    for length in packed.lengths:
-        span = slice(start, start + length)
-        # (1, n_head, L, head_dim) views: SDPA's fused kernels take 4-D inputs only (3-D ones run its math path)
-        q_i, k_i, v_i = (t[None, span].transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=length > 1)
-        outputs.append(y[0].transpose(0, 1))
-        start += length
-    return torch.cat(outputs)
+    n_head, head_dim = q.shape[1:]
+    if packed.block_mask is not None:
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, n_head, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.block_mask, dropout_p=dropout_p)
+        return y[0].transpose(0, 1)
+    n, longest = packed.gather_index.shape
+    q, k, v = (t[packed.gather_index].transpose(1, 2) for t in (q, k, v))  # (n, n_head, longest, head_dim)
+    # is_causal also for longest == 1 (a 1 x 1 causal mask is no mask): a plain bool keeps dynamic shapes compilable
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return y.transpose(1, 2).reshape(n * longest, n_head, head_dim)[packed.scatter_index]
 
 
 # --- the backbone ---------------------------------------------------------------------------------

@@ -227,8 +227,9 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
         if start_positions is not None and end_positions is not None:
             if cu_seq_lens is not None:  # each example's softmax runs over its own tokens only
                 packed = PackedSequences.from_cu_seq_lens(cu_seq_lens, hidden.shape[1])
-                starts, ends = _per_example(start_logits[0], packed), _per_example(end_logits[0], packed)
-                lengths = torch.tensor(packed.lengths, device=starts.device)
+                starts = packed.per_example(start_logits[0], float("-inf"))  # (n, longest)
+                ends = packed.per_example(end_logits[0], float("-inf"))
+                lengths = packed.inside.sum(-1)
             else:
                 starts, ends = start_logits, end_logits
                 lengths = torch.full((starts.shape[0],), starts.shape[1], device=starts.device)
@@ -239,14 +240,6 @@ class GPTJForQuestionAnswering(GPTJPreTrainedModel):
             loss = (_span_loss(starts, start_positions, lengths, loss_reduction)
                     + _span_loss(ends, end_positions, lengths, loss_reduction)) / 2
         return QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
-
-
-def _per_example(row: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
-    """(total,) logits of a packed row -> (n, longest) per example, -inf past each example's end."""
-    offsets = torch.arange(packed.max_len, device=row.device)
-    index = packed.cu_seq_lens[:-1, None].long() + offsets
-    inside = offsets < torch.tensor(packed.lengths, device=row.device)[:, None]
-    return row[index.clamp(max=row.shape[0] - 1)].masked_fill(~inside, float("-inf"))
 
 
 def _span_loss(logits: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, reduction: str) -> torch.Tensor:

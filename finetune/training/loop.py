@@ -27,6 +27,7 @@ from finetune.training.checkpoints import Checkpointer
 from finetune.training.data_order import BatchLayout, DataPosition, train_steps
 from finetune.training.errors import NonFiniteLossError, RankFailureError
 from finetune.training.evaluation import evaluate, to_device
+from finetune.training.host_memory import keep_freed_memory
 from finetune.training.loss import backward_scale, global_target_count
 
 
@@ -109,6 +110,8 @@ def _train(engine, *, task: Task, data: TaskData, data_cfg: DataConfig, trainer:
                         num_workers=trainer.num_workers,
                         lengths=example_lengths(data.train) if data_cfg.group_by_length else None)
     global_mean = trainer.loss_normalization == "global_batch"
+    if engine.device.type == "cpu":  # the step's large host tensors then reuse memory instead of page-faulting
+        keep_freed_memory()
     meter = _Meter(engine.device)
     guard = _NonFiniteGuard(engine, trainer, info)
     last_saved = engine.global_steps if start is not None else -1

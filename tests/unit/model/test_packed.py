@@ -1,8 +1,10 @@
 """Packed rows (several examples in one row, `cu_seq_lens`): every example computes what it computes alone."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune.model import GPTJConfig, build_model
+from finetune.model.gptj import PackedSequences, packed_attention
 
 TINY = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, num_labels=3)
 LENGTHS = [7, 12, 1, 5]
@@ -154,3 +156,97 @@ def test_packed_input_errors():
         net(ids, cu_seq_lens=torch.tensor([0, 5, ids.shape[1] - 1]))
     with pytest.raises(ValueError, match="loss_reduction"):
         net(ids, labels=ids, loss_reduction="avg")
+
+
+# --- packed_attention itself: one kernel call per packed row ------------------------------------------------------
+def per_example_attention(q, k, v, lengths, dropout_p=0.0):
+    """The reference: SDPA on each example alone (what the packed row must reproduce)."""
+    outputs, start = [], 0
+    for n in lengths:
+        q_i, k_i, v_i = (t[None, start:start + n].transpose(1, 2) for t in (q, k, v))
+        outputs.append(F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=n > 1)[0]
+                       .transpose(0, 1))
+        start += n
+    return torch.cat(outputs)
+
+
+def attention_rounding_bound(q, k, v, longest):
+    """Two fp32 evaluations of softmax(q k^T / sqrt(D)) v that differ only in summation order and blocking differ
+    by at most 2 x one's error: each score's dot product errs by <= D u |q||k| / sqrt(D) (u = 2^-24), which moves a
+    softmax weight by <= 2 x that relatively; exp, the normalising sum and the weighted sum of v add <= (L + 2) u.
+    The output, a convex combination of v rows, errs by <= max|v| times the weights' relative error."""
+    u, D = 2.0 ** -24, q.shape[-1]
+    score_error = D * u * float(q.norm(dim=-1).max() * k.norm(dim=-1).max()) / D ** 0.5
+    return 2 * float(v.abs().max()) * (2 * score_error + (longest + 2) * u)
+
+
+def qkv(lengths, seed=0, n_head=4, head_dim=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(lengths), n_head, head_dim, generator=g) for _ in range(3)]
+
+
+def packed_of(lengths):
+    return PackedSequences.from_cu_seq_lens(torch.tensor([0, *lengths]).cumsum(0).int(), sum(lengths))
+
+
+@pytest.mark.parametrize("lengths,block_diagonal", [
+    ([7, 12, 1, 5], False),           # similar lengths: the padded layout
+    ([19] * 8, False),                # bundled qa's short features
+    ([1], False),
+    ([300, 3, 4, 5, 2], True),        # one long example: a block-diagonal mask costs less than padding to 300
+])
+def test_packed_attention_is_one_call_equal_to_each_example_alone(lengths, block_diagonal, monkeypatch):
+    q, k, v = qkv(lengths)
+    packed = packed_of(lengths)
+    assert (packed.block_mask is not None) == block_diagonal
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    y = packed_attention(q, k, v, packed)
+    assert len(calls) == 1  # no loop over the examples
+    monkeypatch.undo()
+    expected = per_example_attention(q, k, v, lengths)
+    assert y.shape == expected.shape
+    assert float((y - expected).abs().max()) <= attention_rounding_bound(q, k, v, max(lengths))
+
+
+def test_packed_attention_dropout_stays_within_each_example():
+    lengths = [7, 12, 5]
+    q, k, v = qkv(lengths)
+    packed = packed_of(lengths)
+    changed = v.clone()
+    changed[7:19] += 1  # example 1's values
+    torch.manual_seed(3)
+    dropped = packed_attention(q, k, v, packed, dropout_p=0.5)
+    torch.manual_seed(3)
+    dropped_changed = packed_attention(q, k, changed, packed, dropout_p=0.5)
+    kept = packed_attention(q, k, v, packed)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, kept)
+    # same dropout draws: the other examples' outputs do not see example 1's values
+    assert torch.equal(dropped[:7], dropped_changed[:7]) and torch.equal(dropped[19:], dropped_changed[19:])
+    assert not torch.equal(dropped[7:19], dropped_changed[7:19])
+
+
+def test_documents_inside_examples_attend_within_their_document():
+    # two examples; the second holds two documents (positions restart at 0 inside it)
+    lengths, documents = [6, 9], [6, 4, 5]
+    positions = torch.cat([torch.arange(n) for n in documents])[None]
+    finer = PackedSequences.from_position_ids(positions, packed_of(lengths))
+    assert finer.lengths == tuple(documents)
+    assert PackedSequences.from_position_ids(torch.cat([torch.arange(n) for n in lengths])[None],
+                                             packed_of(lengths)).lengths == tuple(lengths)
+    q, k, v = qkv(documents)
+    y = packed_attention(q, k, v, finer)
+    assert float((y - per_example_attention(q, k, v, documents)).abs().max()) <= attention_rounding_bound(q, k, v, 6)
+
+
+@pytest.mark.slow
+def test_packed_attention_compiles_as_one_graph_without_host_reads():
+    # fullgraph: a host read (.tolist(), bool(tensor)) or an unsupported op inside would raise here. aot_eager:
+    # the capture is what is tested, not inductor's C++ code generation (which depends on the machine's compiler)
+    compiled = torch.compile(packed_attention, fullgraph=True, backend="aot_eager")
+    for lengths in ([7, 12, 1, 5], [3, 9, 4], [300, 3, 4, 5, 2]):  # the last: the block-diagonal layout
+        q, k, v = qkv(lengths)
+        packed = packed_of(lengths)
+        expected = packed_attention(q, k, v, packed)
+        assert float((compiled(q, k, v, packed) - expected).abs().max()) <= attention_rounding_bound(q, k, v, max(lengths))
