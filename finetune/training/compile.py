@@ -129,18 +129,21 @@ class CompileWatch:
 
     def reporting(self, log: Callable[[int, str, Mapping[str, Any]], None], *, is_main: bool
                   ) -> Callable[[int, str, Mapping[str, Any]], None]:
-        """`log` that adds `compile_s` and `compiles` to the first train record (by then the first step has
-        compiled its forward and backward graphs) and prints them once on rank 0."""
-        reported = False
+        """`log` that adds `compile_s` (seconds so far) and `compiles` (graphs so far) to the first train record,
+        by when the first step has compiled its forward and backward graphs, and prints them once on rank 0. A
+        later train record carries them again only if more graphs were compiled since (the first evaluation
+        compiles its own, gradient-free graphs; steps of other batch lengths reuse the compiled ones)."""
+        reported = 0
 
         def log_with_compile_time(step: int, split: str, values: Mapping[str, Any]) -> None:
             nonlocal reported
-            if split == "train" and not reported:
-                reported = True
-                values = {**values, "compile_s": round(self.seconds, 3), "compiles": self.compiles}
+            if split == "train" and self.compiles != reported:
+                first, reported = reported == 0, self.compiles
+                values = {**values, "compile_s": round(self.seconds, 3), "compiles": reported}
                 if is_main:
-                    print(f"torch.compile (trainer.compile=true): {self.compiles} graphs compiled in "
-                          f"{self.seconds:.1f} s during the first step(s); later steps reuse them.", flush=True)
+                    print(f"torch.compile (trainer.compile=true): {reported} graphs compiled in {self.seconds:.1f} s "
+                          + ("during the first step; later steps reuse them." if first else f"by step {step}."),
+                          flush=True)
             log(step, split, values)
 
         return log_with_compile_time
