@@ -70,13 +70,20 @@ def check_toolchain(device_type: str) -> None:
             )
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile every GPT-J block of `model` in place (see the module docstring); returns how many."""
+def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> int:
+    """Compile every GPT-J block of `model` in place (see the module docstring); returns how many. `backend`:
+    torch.compile's (tests check Dynamo's guards with "aot_eager", which builds no kernels)."""
+    from torch.fx.experimental import _config as shape_config
+
     from finetune.model.gptj import GPTJBlock
 
+    # Dynamic shapes give sizes that are equal when first traced one symbol ("duck shaping"): a micro batch of 4
+    # rows would share the symbol of the tiny model's 4 rotary frequencies, which is a constant, and every other
+    # micro batch size would recompile. Each size gets its own symbol instead (a process-wide torch setting).
+    shape_config.use_duck_shape = False
     blocks = [module for module in model.modules() if isinstance(module, GPTJBlock)]
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, backend=backend)
     return len(blocks)
 
 
@@ -87,28 +94,27 @@ class _Totals:
     started: float = 0.0
 
 
-_TOTALS: _Totals | None = None
+_TOTALS = _Totals()
+
+
+def _start(_: Any) -> None:
+    _TOTALS.compiles += 1
+    _TOTALS.started = time.perf_counter()
+
+
+def _end(_: Any) -> None:
+    _TOTALS.seconds += time.perf_counter() - _TOTALS.started
 
 
 def _process_totals() -> _Totals:
-    """Compile count and wall time of this process, from torch's compile start/end callbacks (installed once;
-    they cover Dynamo's tracing, AOT autograd and inductor's code generation and builds, and the backward
-    graphs that compile at their first backward)."""
-    global _TOTALS
-    if _TOTALS is None:
-        from torch._dynamo.callback import callback_handler
+    """Compile count and wall time of this process, from torch's compile start/end callbacks. They cover Dynamo's
+    tracing, AOT autograd and inductor's code generation and builds, and the backward graphs that compile at their
+    first backward. Registered again if `torch._dynamo.reset()` cleared them."""
+    from torch._dynamo.callback import callback_handler
 
-        totals = _TOTALS = _Totals()
-
-        def start(_: Any) -> None:
-            totals.compiles += 1
-            totals.started = time.perf_counter()
-
-        def end(_: Any) -> None:
-            totals.seconds += time.perf_counter() - totals.started
-
-        callback_handler.register_start_callback(start)
-        callback_handler.register_end_callback(end)
+    if _start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(_start)
+        callback_handler.register_end_callback(_end)
     return _TOTALS
 
 

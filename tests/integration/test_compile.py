@@ -51,7 +51,8 @@ def check_pair(name: str, eager: list[dict], compiled: list[dict]) -> None:
     assert [r["step"] for r in compiled] == [r["step"] for r in eager] == list(range(1, STEPS + 1)), name
     for e, c in zip(eager, compiled):
         assert c["loss"] == pytest.approx(e["loss"], rel=LOSS_RTOL), (name, e["step"])
-    assert eager[0]["loss"] - eager[-1]["loss"] > 100 * LOSS_RTOL * eager[0]["loss"], f"{name}: did not train"
+    moved = max(abs(r["loss"] - eager[0]["loss"]) for r in eager) / eager[0]["loss"]
+    assert moved > 100 * LOSS_RTOL, f"{name}: the loss hardly changed, so equal losses would prove little"
     assert "compile_s" not in eager[0]
     assert compiled[0]["compile_s"] > 0 and compiled[0]["compiles"] >= 1, name
     later = [r["step"] for r in compiled[1:] if "compile_s" in r]
