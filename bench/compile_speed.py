@@ -6,7 +6,8 @@ takes. They are stepped alternately (A B A B ...) on the same batches, so that m
 alike. Every step draws new lengths (causal LM rows of 32-256 tokens), packed into one row per micro batch as
 `data.packing=auto` does, or padded to the longest row with `--padded`: the compiled engine must reuse its graphs
 across them. Reported: the compile time (the compiled engine's first step; Dynamo + inductor + g++), median step
-times after `--warmup` steps, the speedup with the spread of per-pair ratios, graphs compiled after warmup
+times after `--warmup` steps, the speedup with the spread of per-pair ratios, the same in process CPU seconds
+(what other jobs on a shared machine move least), graphs compiled after warmup
 (should be 0), and the largest relative loss difference between the two engines.
 
     python bench/compile_speed.py                      # width 1024, 4 layers, packed rows of ~512 tokens, CPU
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--padded", action="store_true", help="4 padded rows per micro batch instead of one packed row")
     p.add_argument("--steps", type=int, default=6, help="measured steps per engine")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per engine first (the first compiles)")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (model.gradient_checkpointing)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -58,11 +59,13 @@ def batches(args, vocab: int, count: int):
         if args.padded:
             lengths = lengths[:4] + [32] * max(0, 4 - len(lengths))
             width = max(lengths)
-            ids = torch.randint(0, vocab, (len(lengths), width), generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
+            generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
+            ids = torch.randint(0, vocab, (len(lengths), width), generator=generator)
             mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
             yield {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
         else:
-            ids = torch.randint(0, vocab, (1, sum(lengths)), generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
+            generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
+            ids = torch.randint(0, vocab, (1, sum(lengths)), generator=generator)
             labels = ids.clone()
             starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
             labels[0, starts] = -100  # no prediction across examples, as DataCollator(packed=True) does
@@ -105,6 +108,7 @@ def main(argv=None) -> dict:
     del reference
 
     times = {name: [] for name in engines}
+    cpu_times = {name: [] for name in engines}  # process CPU seconds: less moved by other jobs on a shared machine
     losses = {name: [] for name in engines}
     compile_s = compiles_after_warmup = None
     for step, batch in enumerate(batches(args, config.vocab_size, args.warmup + args.steps)):
@@ -114,16 +118,17 @@ def main(argv=None) -> dict:
             batch_on = {k: v.to(engine.device) for k, v in batch.items()}
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = engine(**batch_on).loss
             engine.backward(loss)
             engine.step()
             losses[name].append(loss.item())
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             if name == "compiled" and step == 0:
                 compile_s = watch.seconds
             if step >= args.warmup:
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu_elapsed)
         print(f"step {step}: " + ", ".join(f"{n} {times[n][-1] if step >= args.warmup else float('nan'):.3f} s"
                                           for n in engines), flush=True)
     compiles_after_warmup = watch.compiles - compiled_so_far
@@ -136,6 +141,9 @@ def main(argv=None) -> dict:
         "compiled_step_s": round(statistics.median(times["compiled"]), 4),
         "speedup": round(statistics.median(times["eager"]) / statistics.median(times["compiled"]), 3),
         "speedup_spread": [round(ratios[0], 3), round(ratios[-1], 3)],
+        "eager_step_cpu_s": round(statistics.median(cpu_times["eager"]), 4),
+        "compiled_step_cpu_s": round(statistics.median(cpu_times["compiled"]), 4),
+        "speedup_cpu_time": round(statistics.median(cpu_times["eager"]) / statistics.median(cpu_times["compiled"]), 3),
         "max_rel_loss_diff": max(abs(a - b) / abs(a) for a, b in zip(losses["eager"], losses["compiled"])),
     }
     print(json.dumps(result, indent=1))

@@ -6,8 +6,9 @@ rounds in another order than ATen's kernels: each value a block computes moves b
 place, and a step's logged loss (the mean of up to 512 per-target losses) by at most what summing them in another
 order allows, (n - 1) u (train_worker.LOSS_RTOL, 3.05e-5). A wrong graph (a missed mask, a stale parameter under
 ZeRO-3, a recompute that differs under activation checkpointing) moves the loss by 1e-3 or more.
-Each compiled run's metrics show the compile time once, and no later train record carries it again: steps of other
-packed and padded batch lengths reuse the graphs of the first step (dynamic shapes, no recompiles).
+A compiled run's first train record shows the compile time, and no later one carries it again: steps of other
+packed and padded batch lengths reuse the graphs of the first step (dynamic shapes, no recompiles). Later runs of
+the same process may find their graphs compiled already (then no record shows any).
 """
 from __future__ import annotations
 
@@ -54,17 +55,25 @@ def check_pair(name: str, eager: list[dict], compiled: list[dict]) -> None:
     moved = max(abs(r["loss"] - eager[0]["loss"]) for r in eager) / eager[0]["loss"]
     assert moved > 100 * LOSS_RTOL, f"{name}: the loss hardly changed, so equal losses would prove little"
     assert "compile_s" not in eager[0]
-    assert compiled[0]["compile_s"] > 0 and compiled[0]["compiles"] >= 1, name
+    if "compiles" in compiled[0]:  # absent when an earlier run of this process compiled the same graphs
+        assert compiled[0]["compile_s"] > 0 and compiled[0]["compiles"] >= 1, name
     later = [r["step"] for r in compiled[1:] if "compile_s" in r]
     assert not later, f"{name}: recompiled at steps {later}"
 
 
+def check_pairs(pairs: dict) -> None:
+    for name, (eager, compiled) in pairs.items():
+        check_pair(name, eager, compiled)
+    first_case = next(iter(pairs))
+    assert "compiles" in pairs[first_case][1][0], "the first compiled run of the process reported no compile time"
+
+
 def test_compiled_training_equals_eager_zero2_packed(run_ranks, tmp_path):
-    """CI: 1 rank (two would compile the same graphs twice on CI's cores), ZeRO-2, clm packed (one row per micro batch, its length changing every step)."""
+    """CI: 1 rank (two would compile the same graphs twice on CI's cores), ZeRO-2, clm packed (one row per micro
+    batch, its length changing every step)."""
     data = instruction_data(tmp_path / "instructions.jsonl")
     cases = {"clm_packed": ("deepspeed=zero2", *clm_overrides(data, "data.packing=auto"))}
-    for name, (eager, compiled) in run_pairs(run_ranks, tmp_path, cases, world=1).items():
-        check_pair(name, eager, compiled)
+    check_pairs(run_pairs(run_ranks, tmp_path, cases, world=1))
 
 
 @pytest.mark.slow
@@ -76,8 +85,8 @@ def test_compiled_training_equals_eager_zero3_checkpointing(run_ranks, tmp_path)
         "clm_packed_z3_ckpt": ("deepspeed=zero3", "model.gradient_checkpointing=true",
                                *clm_overrides(data, "data.packing=auto")),
         "clm_padded_z3": ("deepspeed=zero3", *clm_overrides(data, "data.packing=false")),
-        "cls_padded_z3_ckpt": ("deepspeed=zero3", "model.gradient_checkpointing=true", "task=cls", "data.packing=false"),
+        "cls_padded_z3_ckpt": ("deepspeed=zero3", "model.gradient_checkpointing=true", "task=cls",
+                               "data.packing=false"),
         "qa_z2_ckpt": ("deepspeed=zero2", "model.gradient_checkpointing=true", "task=qa"),
     }
-    for name, (eager, compiled) in run_pairs(run_ranks, tmp_path, cases, world=2).items():
-        check_pair(name, eager, compiled)
+    check_pairs(run_pairs(run_ranks, tmp_path, cases, world=2))
