@@ -219,6 +219,9 @@ class TrainerConfig:
     # A run dir must be the user's and writable by the user alone: a relaunch loads what it finds there. true: go
     # on with a warning when it is not (docs/security.md).
     allow_shared_run_dir: bool = False
+    # torch.compile the transformer blocks (inductor; CPU needs g++, GPU Triton). The first step pays the compile
+    # time (logged as compile_s); later steps of any batch length reuse the graphs. docs/performance.md.
+    compile: bool = False
 
 
 @dataclass

@@ -27,6 +27,7 @@ from finetune.planning.choice import largest_parameter_numel
 from finetune.tasks import Task, get_task
 from finetune.training import nvme
 from finetune.training.checkpoints import Checkpointer
+from finetune.training.compile import CompileWatch, check_toolchain
 from finetune.training.data_order import total_optimizer_steps
 from finetune.training.engine import build_ds_config, initialize, load_ds_json, offload_devices, zero_stage
 from finetune.training.errors import RankFailureError, TrainingError
@@ -433,6 +434,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
         )
 
     first = ds_config_for(run.trainer.max_steps or 1)  # a contradicting JSON fails now, not after data processing
+    if run.trainer.compile:  # a missing compiler fails now too, not at the first step
+        check_toolchain(get_accelerator().device_name())
     swap_dirs = nvme.prepare_for_run(run, first, model_config(run, {}), info=info)  # [] without NVMe offload
     at_end.callback(nvme.remove_swap_dirs, swap_dirs, info=info)
     tokenizer = GPTJTokenizer.from_pretrained(_tokenizer_source(run))
@@ -472,7 +475,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
 
         model = apply_lora(model, run.lora)
     trainable = count_parameters(model, trainable_only=True)
-    engine = initialize(model, ds_config, weight_decay=run.optim.weight_decay)
+    compile_watch = CompileWatch() if run.trainer.compile else None
+    engine = initialize(model, ds_config, weight_decay=run.optim.weight_decay, compile=run.trainer.compile)
 
     start = None
     if point is not None:  # the newest complete checkpoint
@@ -505,7 +509,8 @@ def _run(run: RunConfig, task: Task, info: DistInfo, own_run_dir: Path, at_end: 
                 engine, task=task, data=data, data_cfg=run.data, trainer=run.trainer,
                 collate=task.collator(tokenizer, run.data), info=info, total_steps=total_steps,
                 checkpointer=checkpointer,
-                start=start, log=logger.log, progress=progress, mfu_of=mfu_of,
+                start=start, progress=progress, mfu_of=mfu_of,
+                log=compile_watch.reporting(logger.log, is_main=info.is_main) if compile_watch else logger.log,
                 stop_requested=preemption.requested_on_any_rank,
             )
         if result.completed:

@@ -536,6 +536,9 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
+# trainer.compile: runs eagerly between the block's compiled graphs. Its host-side lengths change every step, and
+# tracing them would specialise (recompile) on each packed row's number and lengths of examples.
+@torch.compiler.disable
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, *,
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention within each example of a packed row. q, k, v: (T, n_head, head_dim) -> (T, n_head, head_dim).

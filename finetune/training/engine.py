@@ -290,8 +290,10 @@ def lr_factor(section: dict[str, Any]) -> Callable[[int], float]:
     return factor
 
 
-def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: float):
+def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: float, compile: bool = False):
     """`deepspeed.initialize` with the AdamW param groups; returns the engine (optimizer and schedule inside).
+    `compile`: torch.compile the model's blocks in place (trainer.compile, see finetune.training.compile), after
+    DeepSpeed has installed its hooks, so that ZeRO-3 partitions the same modules either way.
 
     The "scheduler" section becomes a torch LambdaLR (see `lr_factor`) that DeepSpeed steps once per applied
     optimizer step and saves in its checkpoints, like its own schedulers."""
@@ -308,6 +310,11 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], *, weight_decay: flo
     )
     if engine.zero_nvme_offload_optimizer():
         _complete_nvme_resumes(engine)
+    if compile:
+        from finetune.training.compile import compile_blocks, limit_compile_threads
+
+        limit_compile_threads(engine.device.type)
+        compile_blocks(engine.module)
     return engine
 
 
