@@ -89,3 +89,23 @@ def test_best_peer_groups_rows_by_length(tmp_path):
     assert peer.peer_training_arguments({**spec, "setting": "best"}).train_sampling_strategy == "group_by_length"
     defaults = peer.peer_training_arguments({**spec, "setting": "defaults"})
     assert defaults.train_sampling_strategy == "random" and not defaults.torch_compile
+
+
+def test_training_peak_rss_leaves_out_what_runs_after_the_last_step(tmp_path):
+    """A 'rank' that trains two steps small, then evaluates big: the training peak must not see the evaluation."""
+    import subprocess
+    import sys
+
+    progress = tmp_path / "progress.txt"
+    child = ("import pathlib, time\n"
+             "time.sleep(1.0)\n"
+             f"pathlib.Path({str(progress)!r}).write_text('step\\nstep\\n')\n"
+             "time.sleep(0.6)\n"
+             "evaluation = bytearray(400 * 2**20)\n"  # touched: counts in the RSS
+             "time.sleep(1.0)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, "--peer-worker"])
+    sampler = peer.RankSampler([proc.pid], marker="--peer-worker", progress=progress, step_marker="step",
+                               train_steps=2, interval=0.05)
+    proc.wait()
+    peaks = sampler.stop()
+    assert 0 < peaks["peak_rss"] < 300 * 2**20 < peaks["peak_rss_with_eval"]
