@@ -36,7 +36,7 @@ peak RSS (max over rank processes, sampled until the last training step; each st
 out), and the final metric; and the ratios ours / peer per repeat.
 
     python bench/peer.py                                              # tiny width, clm/cls/qa, 1 rank
-    python bench/peer.py --size wide --tasks qa,clm --repeats 2 --steps qa=12,clm=12 --json peer_wide.json
+    python bench/peer.py --size wide --tasks qa,clm --steps qa=8,clm=8 --warmup 2 --repeats 2 --json peer_wide.json
     python bench/peer.py --tasks qa --ours-overrides "data.packing=none data.group_by_length=true"
 """
 from __future__ import annotations
