@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.stack_labels += ["ours"] if stack == "ours" else [f"peer-{s}" for s in settings]
     if args.repeats < 1 or args.defaults_repeats < 0:
         p.error("--repeats must be >= 1 and --defaults-repeats >= 0")
+    short = {task: n for task, n in args.step_counts.items() if task in args.tasks.split(",") and n <= args.warmup}
+    if short:
+        p.error(f"--steps {short} leave no step to time after --warmup {args.warmup}: raise the steps or lower --warmup")
     return args
 
 

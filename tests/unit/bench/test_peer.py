@@ -27,7 +27,8 @@ def test_wide_size_options_and_overrides():
 
 
 @pytest.mark.parametrize("argv", [["--peer-settings", "fast"], ["--stacks", "ours,hf"], ["--steps", "qa=x"],
-                                  ["--max-len", "summarize=5"], ["--repeats", "0"]])
+                                  ["--max-len", "summarize=5"], ["--repeats", "0"],
+                                  ["--tasks", "qa", "--steps", "qa=3", "--warmup", "3"]])
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit):
         peer.parse_args(argv)
