@@ -710,7 +710,7 @@ def print_table(results, args) -> None:
                                                               "real_tokens_per_s", "real_tokens_per_cpu_s", "peak_rss")]
             if cells[0]:
                 print(f"| {r['task']} | {r['ranks']} | {peer} | "
-                      + " | ".join(spread(c, "{:.2f}") + "x" for c in cells) + " |")
+                      + " | ".join(spread(c, "{:.2f}x") for c in cells) + " |")
 
 
 if __name__ == "__main__":
