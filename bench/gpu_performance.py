@@ -1,4 +1,4 @@
-"""GPU cases of the chunked loss and of padding-free packing, for bench/gpu_suite.sh (and runnable alone).
+"""GPU cases of the chunked loss, padding-free packing, fused projections and torch.compile (runnable alone).
 
 Both run GPT-J 6B layer shapes (width 4096, 16 heads, rotary 64, vocab 50400) with fewer layers, bf16, on one GPU,
 plain forward + backward steps (no optimizer: what changes between the variants is the activations' memory and
@@ -11,9 +11,17 @@ the step's compute):
 - `packing`: a length-skewed micro batch (most examples short, a few long, up to seq_len) as padded rows vs one
   packed row (flash-attn's varlen kernel when installed, else SDPA per example): step time, real tokens/s, peak
   memory, and the largest difference of any example's logits between the two layouts (qa head: per-token logits).
+- `fused`: one causal-LM step with q/k/v_proj and fc_in as four matrix products (unfused) and as one of width
+  3d + 4d (`model.fused_projections=true`), the same weights (loaded by their Hugging Face names): step time,
+  tokens/s, peak memory, and the loss and gradient differences. Needs build_model(fused_projections=...); a build
+  without it records the unfused row and says so.
+- `compile`: the same step eager and with each GPT-J block compiled in place with dynamic shapes, as
+  `trainer.compile=true` does (`--compile-backend`, inductor on a GPU): the first call's time (compiling), the
+  steady step time, the first step at half the sequence length (no recompile expected) and the loss difference.
 
     python bench/gpu_performance.py --case all --json performance.json     # on a GPU
     python bench/gpu_performance.py --case all --dry-run                   # CPU, tiny shapes: checks the script
+    python bench/gpu_performance.py --case fused,compile --layers 4        # 4 GPT-J 6B layers, seq 2048
 
 Prints one JSON object per case (a line starting with '{"case"'), and a table.
 """
@@ -35,18 +43,24 @@ TINY_LAYER = dict(n_embd=64, n_head=4, rotary_dim=8, vocab_size=50400, n_positio
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", choices=("chunked_loss", "packing", "all"), default="all")
+    p.add_argument("--case", default="all", help="comma-separated cases among %s, or all" % ", ".join(CASES))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4, help="chunked_loss: rows of seq_len tokens")
     p.add_argument("--examples", type=int, default=32, help="packing: examples per micro batch")
     p.add_argument("--chunk", type=int, default=2048, help="a second chunk size to measure")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny width, short sequences")
+    p.add_argument("--compile-backend", default="inductor", help="compile: torch.compile's backend")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny width, short sequences (compile: eager backend)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    args.cases = list(CASES) if args.case == "all" else [c for c in args.case.split(",") if c]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown or not args.cases:
+        p.error(f"--case {args.case!r}: choose among {', '.join(CASES)} or all")
     if args.dry_run:
         args.layers, args.seq_len, args.micro_batch, args.examples, args.chunk, args.repeats = 1, 128, 2, 6, 64, 1
+        args.compile_backend = "eager"  # checks the capture; inductor would compile C++ for minutes on a busy CPU
     return args
 
 
@@ -86,6 +100,104 @@ def build(task: str, args, dev: Device, **kwargs):
     with torch.device(dev.device):
         model = build_model(GPTJConfig(**layer, n_layer=args.layers, num_labels=2), task=task, **kwargs)
     return model.to(dev.dtype).train()
+
+
+def supports_fused_projections() -> bool:
+    import inspect
+
+    from finetune.model import build_model
+
+    return "fused_projections" in inspect.signature(build_model).parameters
+
+
+def clm_step(model, ids):
+    """One forward + backward of the causal-LM loss; the loss and the gradients of lm_head and the last fc_out."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        last = model.transformer.h[-1].mlp.fc_out.weight
+        return loss.detach().float(), {"lm_head.weight": model.lm_head.weight.grad.detach().clone(),
+                                       "last_layer.fc_out": last.grad.detach().clone()}
+    return step
+
+
+def random_ids(args, dev: Device, seq_len: int):
+    import torch
+
+    return torch.randint(0, 50400, (args.micro_batch, seq_len), device=dev.device,
+                         generator=torch.Generator(dev.device).manual_seed(1))
+
+
+def fused_case(args, dev: Device) -> dict:
+    """Unfused (four products) vs fused (one product of width 3d + 4d) input projections, the same weights."""
+    from finetune.model import default_chunk_tokens
+
+    ids = random_ids(args, dev, args.seq_len)
+    out = {"case": "fused", "layers": args.layers, "tokens": ids.numel(), "rows": {}}
+    variants = (False, True) if supports_fused_projections() else (False,)
+    if len(variants) == 1:
+        out["note"] = "build_model has no fused_projections in this build: unfused only"
+    reference_state, results = None, {}
+    for fused in variants:
+        kwargs = {"fused_projections": fused} if len(variants) == 2 else {}
+        model = build("clm", args, dev, loss_chunk_tokens=default_chunk_tokens(50400), **kwargs)
+        if reference_state is None:
+            reference_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:  # Hugging Face names in both layouts: the same weights
+            model.load_state_dict(reference_state)
+        baseline = dev.reset_peak()
+        seconds, (loss, grads) = timed(dev, clm_step(model, ids), args.repeats)
+        name = "fused" if fused else "unfused"
+        results[name] = (loss, grads)
+        out["rows"][name] = {"s_per_step": seconds, "tokens_per_s": ids.numel() / seconds,
+                             "peak_above_weights": dev.peak_above(baseline), "loss": float(loss)}
+        del model
+    if "fused" in results:
+        (loss_u, grads_u), (loss_f, grads_f) = results["unfused"], results["fused"]
+        out["loss_rel_diff"] = abs(float(loss_f) - float(loss_u)) / abs(float(loss_u))
+        out["grad_rel_diff"] = {k: rel(g, grads_u[k]) for k, g in grads_f.items()}
+        out["speedup"] = out["rows"]["unfused"]["s_per_step"] / out["rows"]["fused"]["s_per_step"]
+    return out
+
+
+def compile_case(args, dev: Device) -> dict:
+    """Eager vs each block compiled: compile time, steady step time, a second sequence length, loss agreement."""
+    import torch
+
+    from finetune.model import default_chunk_tokens
+
+    ids, other = random_ids(args, dev, args.seq_len), random_ids(args, dev, args.seq_len // 2)
+    out = {"case": "compile", "layers": args.layers, "tokens": ids.numel(), "backend": args.compile_backend,
+           "rows": {}}
+    losses = {}
+    for name in ("eager", "compiled"):
+        torch._dynamo.reset()
+        model = build("clm", args, dev, loss_chunk_tokens=default_chunk_tokens(50400))
+        if name == "compiled":
+            for block in model.transformer.h:
+                block.compile(backend=args.compile_backend, dynamic=True)  # as trainer.compile does
+        step = clm_step(model, ids)
+        dev.sync()
+        t0 = time.perf_counter()
+        step()  # compiles (once for every block: they share one graph)
+        dev.sync()
+        first = time.perf_counter() - t0
+        baseline = dev.reset_peak()
+        seconds, (loss, _) = timed(dev, step, args.repeats)
+        dev.sync()
+        t0 = time.perf_counter()
+        clm_step(model, other)()  # another length: dynamic shapes should not recompile
+        dev.sync()
+        losses[name] = float(loss)
+        out["rows"][name] = {"first_step_s": first, "s_per_step": seconds, "tokens_per_s": ids.numel() / seconds,
+                             "other_length_first_step_s": time.perf_counter() - t0,
+                             "peak_above_weights": dev.peak_above(baseline), "loss": float(loss)}
+        del model
+    out["compile_s"] = out["rows"]["compiled"]["first_step_s"] - out["rows"]["eager"]["s_per_step"]
+    out["loss_rel_diff"] = abs(losses["compiled"] - losses["eager"]) / abs(losses["eager"])
+    out["speedup"] = out["rows"]["eager"]["s_per_step"] / out["rows"]["compiled"]["s_per_step"]
+    return out
 
 
 def timed(dev: Device, fn, repeats: int) -> tuple[float, object]:
@@ -194,11 +306,8 @@ def packing_case(args, dev: Device) -> dict:
 def main(args) -> None:
     dev = Device(args.dry_run)
     results = []
-    if args.case in ("chunked_loss", "all"):
-        results.append(chunked_loss_case(args, dev))
-        print(json.dumps(results[-1]), flush=True)
-    if args.case in ("packing", "all"):
-        results.append(packing_case(args, dev))
+    for case in args.cases:
+        results.append(CASES[case](args, dev))
         print(json.dumps(results[-1]), flush=True)
     for r in results:
         if r["case"] == "chunked_loss":
@@ -211,6 +320,16 @@ def main(args) -> None:
                       f"{row['peak_above_weights'] / 2**30:.2f} | {row['planner_logits_line'] / 2**30:.2f} | "
                       f"{row['loss_rel_diff']:.1e} | "
                       f"{row['grad_rel_diff']['lm_head.weight']:.1e} |")
+        elif r["case"] in ("fused", "compile"):
+            extra = (f", backend {r['backend']}, compile {r['compile_s']:.1f} s" if r["case"] == "compile" else "")
+            diff = (f"; loss rel. diff {r['loss_rel_diff']:.1e}, speedup {r['speedup']:.2f}x"
+                    if "speedup" in r else f"; {r.get('note', '')}")
+            print(f"\n{r['case']}: {r['layers']} GPT-J layers, {r['tokens']} tokens per step{extra}{diff}")
+            print("| variant | s/step | tokens/s | peak above weights GiB |")
+            print("|---|---|---|---|")
+            for name, row in r["rows"].items():
+                print(f"| {name} | {row['s_per_step']:.3f} | {row['tokens_per_s']:.0f} | "
+                      f"{row['peak_above_weights'] / 2**30:.2f} |")
         else:
             print(f"\npacking: {r['examples']} examples, {r['real_tokens']} real tokens ({r['padded_slots']} padded "
                   f"slots), attention: {r['attention']}; max |logit diff| {r['max_abs_logit_diff']:.2e}")
@@ -221,6 +340,9 @@ def main(args) -> None:
                       f"{row['peak_above_weights'] / 2**30:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+CASES = {"chunked_loss": chunked_loss_case, "packing": packing_case, "fused": fused_case, "compile": compile_case}
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ class DataConfig:
     answers_column: str = "answers"
     question_first: bool = True
     qa_separator: str = "\n"
+    qa_end_token: bool = True  # <|endoftext|> closes each feature: the no-answer position (needed by SQuAD v2)
     doc_stride: int = 64
     max_answer_length: int = 30
     n_best: int = 20
@@ -125,7 +126,7 @@ DATA_KEYS_BY_TASK: dict[str, tuple[str, ...]] = {
     "cls": DATA_KEYS_COMMON + ("text_column", "text_pair_column", "label_column", "pair_separator", "num_labels",
                                "problem_type", "truncation"),
     "qa": DATA_KEYS_COMMON + ("question_column", "context_column", "answers_column", "question_first", "qa_separator",
-                              "doc_stride", "max_answer_length", "n_best", "version_2_with_negative",
+                              "qa_end_token", "doc_stride", "max_answer_length", "n_best", "version_2_with_negative",
                               "null_score_diff_threshold"),
 }  # fmt: skip
 

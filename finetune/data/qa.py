@@ -4,12 +4,13 @@ Input layouts: SQuAD's nested JSON (data -> paragraphs -> qas -> answers, `is_im
 (id, title, context, question, answers {text: [...], answer_start: [...]}); both give the same features.
 
 A feature is `question + qa_separator + context window + <|endoftext|>` (context first when `question_first` is
-false). Contexts longer than the room left are split into windows that overlap by `doc_stride` tokens. The
+false; `qa_separator: ""` leaves the separator out, `qa_end_token: false` the final `<|endoftext|>`). Contexts longer than the room left are split into windows that overlap by `doc_stride` tokens. The
 answer's first and last tokens are the labels when the whole answer lies inside the window.
 
 No-answer position: the final `<|endoftext|>` of each feature, not position 0. In a causal model position 0
 attends only to itself, so a null score read there could not depend on the question or the context; the last
-token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`.
+token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`. Without the
+end token that index is the window's last token, a possible answer token, so SQuAD v2 requires it.
 
 Unanswerable questions (SQuAD v2): empty answers, or `is_impossible: true` (nested or flat layout). With
 `data.version_2_with_negative: auto` (the default) their presence in the data turns SQuAD v2 on, with one notice:
@@ -63,6 +64,7 @@ class QaParams:
     doc_stride: int
     question_first: bool
     qa_separator: str
+    end_token: bool  # <|endoftext|> at the end of each feature
     allow_no_answer: bool
     keep_eval_columns: bool  # validation: also example_id and offset_mapping for post-processing
 
@@ -154,7 +156,7 @@ def check_qa_rows(batch: dict[str, list], *, tokenizer: GPTJTokenizer, params: Q
     good = [i for i, problem in enumerate(problems) if problem is None]
     separator = len(tokenizer.encode(params.qa_separator))
     question_lengths = [len(ids) for ids in tokenizer.encode_batch([batch["question"][i].strip() for i in good])]
-    rooms = {i: params.max_seq_len - length - separator - 1 for i, length in zip(good, question_lengths)}
+    rooms = {i: params.max_seq_len - length - separator - params.end_token for i, length in zip(good, question_lengths)}
     # Windows must advance: with room <= doc_stride only a context that fits in one window works.
     tight = [i for i in good if 1 <= rooms[i] <= params.doc_stride]
     context_lengths = dict(zip(tight, map(len, tokenizer.encode_batch([batch["context"][i] for i in tight]))))
@@ -228,7 +230,7 @@ def build_qa_features(batch: dict[str, list], indices: list[int], *, tokenizer: 
     questions = [question.strip() for question in batch["question"]]
     contexts = batch["context"]
     separator = tokenizer.encode(params.qa_separator)
-    eos = tokenizer.eos_token_id
+    closing = [tokenizer.eos_token_id] if params.end_token else []
     question_ids = tokenizer.encode_batch(questions)
     context_encodings = tokenizer.encode_with_offsets(contexts)
     for position, context in enumerate(contexts):
@@ -237,13 +239,13 @@ def build_qa_features(batch: dict[str, list], indices: list[int], *, tokenizer: 
         offsets = trim_offsets(context, context_encodings[position].offsets)
         texts, starts = _answer_lists(batch["answers"][position])
         target = _token_span(offsets, starts[0], starts[0] + len(texts[0])) if texts else None
-        room = params.max_seq_len - len(q_ids) - len(separator) - 1
+        room = params.max_seq_len - len(q_ids) - len(separator) - len(closing)
         for start, end in _windows(len(c_ids), room, params.doc_stride):
             window = c_ids[start:end]
             if params.question_first:
-                ids, context_at = q_ids + separator + window + [eos], len(q_ids) + len(separator)
+                ids, context_at = q_ids + separator + window + closing, len(q_ids) + len(separator)
             else:
-                ids, context_at = window + separator + q_ids + [eos], 0
+                ids, context_at = window + separator + q_ids + closing, 0
             null = len(ids) - 1
             if target is not None and start <= target[0] and target[1] < end:
                 start_position, end_position = context_at + target[0] - start, context_at + target[1] - start
@@ -287,11 +289,21 @@ def _token_span(offsets: list[tuple[int, int]], start_char: int, end_char: int) 
 def qa_params(cfg: DataConfig, *, keep_eval_columns: bool) -> QaParams:
     if cfg.doc_stride < 0:
         raise ConfigError(f"data.doc_stride={cfg.doc_stride} must be >= 0 (the overlap of context windows in tokens).")
+    if not isinstance(cfg.qa_end_token, bool):
+        raise ConfigError(f"data.qa_end_token={cfg.qa_end_token!r} must be true or false.")
+    if cfg.version_2_with_negative is True and not cfg.qa_end_token:
+        raise ConfigError(
+            "data.qa_end_token=false leaves no no-answer position, which SQuAD v2 data (unanswerable questions, "
+            "data.version_2_with_negative true or found by auto) needs: the null score is read at the final "
+            "<|endoftext|>. Set data.qa_end_token=true, or data.version_2_with_negative=false to treat "
+            "unanswerable questions as bad rows."
+        )
     return QaParams(
         max_seq_len=cfg.max_seq_len,
         doc_stride=cfg.doc_stride,
         question_first=cfg.question_first,
         qa_separator=cfg.qa_separator,
+        end_token=cfg.qa_end_token,
         allow_no_answer=cfg.version_2_with_negative is True,  # "auto" is resolved by load_qa first
         keep_eval_columns=keep_eval_columns,
     )

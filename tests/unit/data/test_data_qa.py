@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from finetune.config import ConfigError
 from finetune.data import DataError, load_task_data
 
 WORDS = ["red", "blue", "tiger", "Paris", "Tokyo", "copper", "piano", "tennis", "lemon", "eagle", "Cairo", "silver"]
@@ -69,6 +70,45 @@ def test_context_first_order(tmp_path, make_cfg, write_jsonl, tokenizer):
     assert feature["start_positions"] == feature["end_positions"] == tokenizer.encode(row["context"]).index(
         tokenizer.encode(" copper")[0]
     )
+
+
+
+def test_separator_and_end_token_are_optional(tmp_path, make_cfg, write_jsonl, tokenizer):
+    """qa_separator "" and qa_end_token false give exactly question + context window, labels still on the answer,
+    and the end token's slot goes to the context: a window holds one more context token."""
+    rng = random.Random(1)
+    rows = [long_example(i, rng) for i in range(4)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    bare = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16,
+                                         qa_separator="", qa_end_token=False), tokenizer).validation
+    full = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16),
+                          tokenizer).validation
+    newline = len(tokenizer.encode("\n"))
+    for row in rows:
+        question = tokenizer.encode(row["question"])
+        windows = [f for f in bare if f["example_id"] == row["id"]]
+        first = windows[0]
+        assert len(first["input_ids"]) == 64 and first["input_ids"][-1] != tokenizer.eos_token_id
+        context_ids = tokenizer.encode(row["context"])
+        assert first["input_ids"] == question + context_ids[: 64 - len(question)]
+        with_both = next(f for f in full if f["example_id"] == row["id"])
+        assert len([o for o in first["offset_mapping"] if o is not None]) == (
+            len([o for o in with_both["offset_mapping"] if o is not None]) + newline + 1)
+        answers = [f for f in windows if f["start_positions"] != len(f["input_ids"]) - 1
+                   or f["end_positions"] != len(f["input_ids"]) - 1]
+        assert answers
+        for f in answers:
+            offsets = f["offset_mapping"]
+            assert row["context"][offsets[f["start_positions"]][0] : offsets[f["end_positions"]][1]] == (
+                row["answers"]["text"][0])
+
+
+def test_no_end_token_refuses_squad_v2(tmp_path, make_cfg, write_jsonl, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", squad_rows())  # row 3 has no answer: auto turns SQuAD v2 on
+    with pytest.raises(ConfigError, match="data.qa_end_token=false"):
+        load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, qa_end_token=False), tokenizer)
+    with pytest.raises(ConfigError, match="data.qa_end_token"):
+        load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, qa_end_token="no"), tokenizer)
 
 
 def squad_rows():
