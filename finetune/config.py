@@ -103,8 +103,8 @@ class DataConfig:
     context_column: str = "context"
     answers_column: str = "answers"
     question_first: bool = True
-    qa_separator: str = "\n"
-    qa_end_token: bool = True  # <|endoftext|> closes each feature: the no-answer position (needed by SQuAD v2)
+    qa_separator: str = ""
+    qa_end_token: Any = "auto"  # <|endoftext|> closes each feature, the no-answer position: auto = with SQuAD v2
     doc_stride: int = 64
     max_answer_length: int = 30
     n_best: int = 20

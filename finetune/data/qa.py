@@ -3,8 +3,10 @@
 Input layouts: SQuAD's nested JSON (data -> paragraphs -> qas -> answers, `is_impossible` in v2.0) or flat rows
 (id, title, context, question, answers {text: [...], answer_start: [...]}); both give the same features.
 
-A feature is `question + qa_separator + context window + <|endoftext|>` (context first when `question_first` is
-false; `qa_separator: ""` leaves the separator out, `qa_end_token: false` the final `<|endoftext|>`). Contexts longer than the room left are split into windows that overlap by `doc_stride` tokens. The
+A feature is `question + qa_separator + context window (+ <|endoftext|>)`, context first when `question_first` is
+false. By default there is no separator (`qa_separator: ""`) and the end token comes only with SQuAD v2
+(`qa_end_token: auto`): on v1 data neither earned its token in accuracy. Contexts longer than the room left are
+split into windows that overlap by `doc_stride` tokens. The
 answer's first and last tokens are the labels when the whole answer lies inside the window.
 
 No-answer position: the final `<|endoftext|>` of each feature, not position 0. In a causal model position 0
@@ -246,7 +248,9 @@ def build_qa_features(batch: dict[str, list], indices: list[int], *, tokenizer: 
                 ids, context_at = q_ids + separator + window + closing, len(q_ids) + len(separator)
             else:
                 ids, context_at = window + separator + q_ids + closing, 0
-            null = len(ids) - 1
+            # A window without the answer labels a token outside the context: the end token, else the token
+            # before the context (the question's last, or the separator's).
+            null = len(ids) - 1 if closing or not params.question_first else context_at - 1
             if target is not None and start <= target[0] and target[1] < end:
                 start_position, end_position = context_at + target[0] - start, context_at + target[1] - start
             else:
@@ -289,8 +293,8 @@ def _token_span(offsets: list[tuple[int, int]], start_char: int, end_char: int) 
 def qa_params(cfg: DataConfig, *, keep_eval_columns: bool) -> QaParams:
     if cfg.doc_stride < 0:
         raise ConfigError(f"data.doc_stride={cfg.doc_stride} must be >= 0 (the overlap of context windows in tokens).")
-    if not isinstance(cfg.qa_end_token, bool):
-        raise ConfigError(f"data.qa_end_token={cfg.qa_end_token!r} must be true or false.")
+    if not isinstance(cfg.qa_end_token, bool):  # "auto" is resolved by load_qa first, with the version
+        raise ConfigError(f"data.qa_end_token={cfg.qa_end_token!r} must be auto, true or false.")
     if cfg.version_2_with_negative is True and not cfg.qa_end_token:
         raise ConfigError(
             "data.qa_end_token=false leaves no no-answer position, which SQuAD v2 data (unanswerable questions, "
@@ -358,6 +362,18 @@ def resolve_version_2(cfg: DataConfig, splits: Sequence[Optional[RawSplit]]) -> 
     return True
 
 
+def resolve_qa_format(cfg: DataConfig, splits: Sequence[Optional[RawSplit]]) -> DataConfig:
+    """`auto` settings as bools: SQuAD v2 when the data has unanswerable questions; the end token with v2 only
+    (its one use is the no-answer position; on SQuAD v1 it cost a token per feature and no accuracy)."""
+    version_2 = resolve_version_2(cfg, splits)
+    end_token = cfg.qa_end_token
+    if end_token == "auto":
+        end_token = version_2
+    elif not isinstance(end_token, bool):
+        raise ConfigError(f"data.qa_end_token={end_token!r} must be auto, true or false.")
+    return replace(cfg, version_2_with_negative=version_2, qa_end_token=end_token)
+
+
 def _is_rank_zero() -> bool:
     from finetune.distributed import env_rank  # every rank loads the data (rank 0 first); one of them says so
 
@@ -369,7 +385,7 @@ def load_qa(cfg: DataConfig, tokenizer: GPTJTokenizer) -> TaskData:
     train, validation = load_splits(cfg, task="qa", reader=read_qa_files)
     train = standardize_columns(train, cfg)
     validation = standardize_columns(validation, cfg) if validation is not None else None
-    cfg = replace(cfg, version_2_with_negative=resolve_version_2(cfg, [train, validation]))
+    cfg = resolve_qa_format(cfg, [train, validation])
     train_features, _, skipped = process_qa_split(train, cfg, tokenizer, evaluation=False)
     if validation is None:
         return TaskData(train=train_features, validation=None, skipped_rows={"train": skipped},

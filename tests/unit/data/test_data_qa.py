@@ -29,7 +29,8 @@ def test_long_contexts_split_into_windows_that_hold_every_answer(tmp_path, make_
     rng = random.Random(0)
     rows = [long_example(i, rng) for i in range(12)]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
-    cfg = make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16)
+    cfg = make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16, qa_separator="\n",
+                   qa_end_token=True)
     data = load_task_data("qa", cfg, tokenizer)
     features = data.validation
     assert len(features) > 3 * len(rows)  # contexts of ~300 tokens need several windows each
@@ -81,8 +82,11 @@ def test_separator_and_end_token_are_optional(tmp_path, make_cfg, write_jsonl, t
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     bare = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16,
                                          qa_separator="", qa_end_token=False), tokenizer).validation
-    full = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16),
-                          tokenizer).validation
+    full = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16,
+                                         qa_separator="\n", qa_end_token=True), tokenizer).validation
+    default = load_task_data("qa", make_cfg(train_file=path, validation_file=path, max_seq_len=64, doc_stride=16),
+                             tokenizer).validation
+    assert default["input_ids"] == bare["input_ids"]  # SQuAD v1 data: neither by default
     newline = len(tokenizer.encode("\n"))
     for row in rows:
         question = tokenizer.encode(row["question"])
@@ -94,9 +98,12 @@ def test_separator_and_end_token_are_optional(tmp_path, make_cfg, write_jsonl, t
         with_both = next(f for f in full if f["example_id"] == row["id"])
         assert len([o for o in first["offset_mapping"] if o is not None]) == (
             len([o for o in with_both["offset_mapping"] if o is not None]) + newline + 1)
-        answers = [f for f in windows if f["start_positions"] != len(f["input_ids"]) - 1
-                   or f["end_positions"] != len(f["input_ids"]) - 1]
-        assert answers
+        # windows without the answer label the question's last token, never a context token
+        null = len(question) - 1
+        answers = [f for f in windows if (f["start_positions"], f["end_positions"]) != (null, null)]
+        assert answers and len(answers) < len(windows)
+        for f in windows:
+            assert f["offset_mapping"][null] is None
         for f in answers:
             offsets = f["offset_mapping"]
             assert row["context"][offsets[f["start_positions"]][0] : offsets[f["end_positions"]][1]] == (
@@ -109,6 +116,9 @@ def test_no_end_token_refuses_squad_v2(tmp_path, make_cfg, write_jsonl, tokenize
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, qa_end_token=False), tokenizer)
     with pytest.raises(ConfigError, match="data.qa_end_token"):
         load_task_data("qa", make_cfg(train_file=path, validation_fraction=0, qa_end_token="no"), tokenizer)
+    # the default (auto) closes every feature with the end token on SQuAD v2 data: its no-answer position
+    v2 = load_task_data("qa", make_cfg(train_file=path, validation_fraction=0), tokenizer).train
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in v2["input_ids"])
 
 
 def squad_rows():
