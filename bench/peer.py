@@ -66,7 +66,9 @@ SIZES = {  # GPTJConfig fields of the two model sizes, and the learning rate eac
 }
 SIZE_LR = {"tiny": 1e-2, "wide": 3e-4}  # tiny: conf/lr_for_model/tiny.yaml; a random-init width 1024 diverges at 1e-2
 SIZE_LABEL = {"tiny": "overhead check", "wide": "realistic width"}
-PEER_SETTINGS = ("best", "defaults")
+# best-heap: best, with the glibc setting our loop applies on CPU (finetune/training/host_memory.py) done for the
+# peer too, so that a comparison can tell that allocator setting apart from the rest of the stack.
+PEER_SETTINGS = ("best", "defaults", "best-heap")
 WARMUP_RATIO = 0.05
 SEED = 7
 
@@ -90,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--stacks", default="ours,peer")
     p.add_argument("--peer-settings", default="best,defaults",
-                   help="best: per-batch padding + group_by_length; defaults: the recipes' padding to max_length")
+                   help="best: per-batch padding + group_by_length; defaults: the recipes' padding to max_length; "
+                        "best-heap: best with freed host memory kept for reuse (as our loop does on CPU)")
     p.add_argument("--peer-compile", action="store_true", help="the best peer with TrainingArguments(torch_compile=True)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each stack, interleaved")
     p.add_argument("--defaults-repeats", type=int, default=1,
@@ -343,7 +346,7 @@ def run_peer(task: str, ranks: int, steps: int, init: Path, files: dict, run_dir
             "accum": args.global_batch // (args.micro_batch * ranks), "stage": args.stage, "warmup": args.warmup,
             "out": str(run_dir / "result.json"), "output_dir": str(run_dir), "setting": setting,
             "max_len": args.max_lens[task], "lr": args.learning_rate,
-            "compile": setting == "best" and args.peer_compile}
+            "compile": setting.startswith("best") and args.peer_compile}
     env = {**base_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks),
            "HF_DATASETS_CACHE": str(run_dir / "cache")}
     logs = [open(run_dir / f"rank{r}.log", "w") for r in range(ranks)]
@@ -382,7 +385,7 @@ def peer_collator(task: str, setting: str, tokenizer):
 def peer_training_arguments(spec: dict):
     import transformers
 
-    best = spec["setting"] == "best"
+    best = spec["setting"].startswith("best")
     return transformers.TrainingArguments(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["accum"], max_steps=spec["steps"], learning_rate=spec["lr"],
@@ -399,6 +402,10 @@ def peer_worker(spec: dict) -> None:
     from datasets import load_dataset
 
     task, init, max_len = spec["task"], spec["init"], spec["max_len"]
+    if spec["setting"] == "best-heap":
+        from finetune.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     padding = "max_length" if spec["setting"] == "defaults" else False
     tokenizer = transformers.AutoTokenizer.from_pretrained(init)
     if tokenizer.pad_token is None:

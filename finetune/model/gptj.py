@@ -536,6 +536,10 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
+# trainer.compile: runs eagerly between the block's compiled graphs. The body traces as one graph without host
+# reads (a slow test compiles it with fullgraph), but its index tensors' shapes (examples per row, the longest
+# example) change every step and hit dynamo's 0/1 specialisation: inside the block they recompiled mid-run.
+@torch.compiler.disable
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, *,
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention within each example of a packed row. q, k, v: (T, n_head, head_dim) -> (T, n_head, head_dim).
@@ -543,8 +547,16 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     flash-attn's varlen kernel on a GPU (fp16/bf16) when installed; otherwise ONE SDPA call for the whole row, in
     the padded or block-diagonal layout that `packed` chose (see PackedSequences), no loop over examples.
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
-        return _flash_packed_attention(q, k, v, packed, dropout_p)
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        cu, longest = packed.cu_seq_lens, packed.max_len
+        return flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
+    return packed_sdpa(q, k, v, packed, dropout_p=dropout_p)
+
+
+def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, *,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """packed_attention's one SDPA call (the padded or the block-diagonal layout)."""
     n_head, head_dim = q.shape[1:]
     if packed.block_mask is not None:
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, n_head, T, head_dim)
@@ -555,15 +567,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     # is_causal also for longest == 1 (a 1 x 1 causal mask is no mask): a plain bool keeps dynamic shapes compilable
     y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return y.transpose(1, 2).reshape(n * longest, n_head, head_dim)[packed.scatter_index]
-
-
-# trainer.compile: flash-attn's kernel runs eagerly between the block's compiled graphs; it takes the longest
-# example's length as a host int, which tracing would specialise on (a recompile per value).
-@torch.compiler.disable
-def _flash_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences,
-                            dropout_p: float) -> torch.Tensor:
-    cu, longest = packed.cu_seq_lens, packed.max_len
-    return _flash_varlen()(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
 
 
 # --- the backbone ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.model import GPTJConfig, build_model
-from finetune.model.gptj import PackedSequences, packed_attention
+from finetune.model.gptj import PackedSequences, packed_attention, packed_sdpa
 
 TINY = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, num_labels=3)
 LENGTHS = [7, 12, 1, 5]
@@ -244,7 +244,7 @@ def test_documents_inside_examples_attend_within_their_document():
 def test_packed_attention_compiles_as_one_graph_without_host_reads():
     # fullgraph: a host read (.tolist(), bool(tensor)) or an unsupported op inside would raise here. aot_eager:
     # the capture is what is tested, not inductor's C++ code generation (which depends on the machine's compiler)
-    compiled = torch.compile(packed_attention, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(packed_sdpa, fullgraph=True, backend="aot_eager")
     for lengths in ([7, 12, 1, 5], [3, 9, 4], [300, 3, 4, 5, 2]):  # the last: the block-diagonal layout
         q, k, v = qkv(lengths)
         packed = packed_of(lengths)
