@@ -67,7 +67,7 @@ def test_context_first_order(tmp_path, make_cfg, write_jsonl, tokenizer):
     cfg = make_cfg(train_file=path, validation_fraction=0, question_first=False, qa_separator="\nQ: ")
     feature = load_task_data("qa", cfg, tokenizer).train[0]
     expected = tokenizer.encode(row["context"]) + tokenizer.encode("\nQ: ") + tokenizer.encode(row["question"])
-    assert feature["input_ids"] == expected + [tokenizer.eos_token_id]
+    assert feature["input_ids"] == expected  # SQuAD v1 data: no end token by default (qa_end_token=auto)
     assert feature["start_positions"] == feature["end_positions"] == tokenizer.encode(row["context"]).index(
         tokenizer.encode(" copper")[0]
     )
