@@ -22,6 +22,7 @@ NUMERICAL_TESTS = (
     "integration/test_nvme_offload.py", "integration/test_memory_measured.py",
     "integration/tools/test_export_checkpoints.py", "integration/test_qlora_layout_invariance.py",
     "integration/test_qlora_zero3.py", "integration/test_qlora_train.py", "slurm/test_slurm_multinode.py",
+    "integration/test_fused_training.py", "integration/test_compiled_training.py",
 )
 
 

@@ -81,6 +81,7 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> int:
     # rows would share the symbol of the tiny model's 4 rotary frequencies, which is a constant, and every other
     # micro batch size would recompile. Each size gets its own symbol instead (a process-wide torch setting).
     shape_config.use_duck_shape = False
+    separate_cache_per_cpu_capability()
     blocks = [module for module in model.modules() if isinstance(module, GPTJBlock)]
     for block in blocks:
         block.compile(dynamic=True, backend=backend)
@@ -153,6 +154,20 @@ class CompileWatch:
             log(step, split, values)
 
         return log_with_compile_time
+
+
+def separate_cache_per_cpu_capability() -> None:
+    """Inductor's on-disk cache does not key its entries on ATEN_CPU_CAPABILITY: a graph cached by a run at the
+    CPU's native capability and reused under `ATEN_CPU_CAPABILITY=avx2` trained to NaN from the first step on the
+    development machine (the same run without the cache was right). Runs that set the capability (make test-cpus,
+    reproducing another CPU's arithmetic) get a cache directory of their own; TORCHINDUCTOR_CACHE_DIR, when set,
+    wins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    # inductor writes its default into the variable the first time it looks, so the default counts as unset
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability}"
 
 
 def limit_compile_threads(device_type: str) -> None:

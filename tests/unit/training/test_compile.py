@@ -3,6 +3,8 @@ compile-time report, and Dynamo's guards: batches of other lengths (padded or pa
 checkpointing) reuse the first step's graphs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -129,3 +131,22 @@ def test_batches_of_other_lengths_reuse_the_graphs(checkpointing):
     for batch in later:
         model(**batch).loss.backward()
     assert watch.compiles == warm
+
+
+def test_a_set_cpu_capability_gets_its_own_inductor_cache(monkeypatch):
+    """Inductor's cache is not keyed on ATEN_CPU_CAPABILITY (a graph cached natively trained to NaN under avx2)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from finetune.training.compile import separate_cache_per_cpu_capability
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    separate_cache_per_cpu_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() + "-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen/by/user")
+    separate_cache_per_cpu_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen/by/user"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    separate_cache_per_cpu_capability()  # native: inductor's own default
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
