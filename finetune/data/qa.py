@@ -11,8 +11,9 @@ answer's first and last tokens are the labels when the whole answer lies inside 
 
 No-answer position: the final `<|endoftext|>` of each feature, not position 0. In a causal model position 0
 attends only to itself, so a null score read there could not depend on the question or the context; the last
-token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`. Without the
-end token that index is the window's last token, a possible answer token, so SQuAD v2 requires it.
+token attends to the whole feature and is never a context token. Its index is `len(input_ids) - 1`, so SQuAD v2
+requires the end token. Without it (SQuAD v1), a window that does not hold the answer is labelled at the token
+just before the context (or, context first, the feature's last token): never a possible answer token.
 
 Unanswerable questions (SQuAD v2): empty answers, or `is_impossible: true` (nested or flat layout). With
 `data.version_2_with_negative: auto` (the default) their presence in the data turns SQuAD v2 on, with one notice:
@@ -362,16 +363,16 @@ def resolve_version_2(cfg: DataConfig, splits: Sequence[Optional[RawSplit]]) -> 
     return True
 
 
+def resolve_end_token(cfg: DataConfig, version_2: bool) -> DataConfig:
+    """data.qa_end_token `auto` as a bool: the end token with SQuAD v2 only (its one use is the no-answer position;
+    on SQuAD v1 it cost a token per feature and no accuracy). Other values are left for `qa_params` to check."""
+    return replace(cfg, qa_end_token=version_2) if cfg.qa_end_token == "auto" else cfg
+
+
 def resolve_qa_format(cfg: DataConfig, splits: Sequence[Optional[RawSplit]]) -> DataConfig:
-    """`auto` settings as bools: SQuAD v2 when the data has unanswerable questions; the end token with v2 only
-    (its one use is the no-answer position; on SQuAD v1 it cost a token per feature and no accuracy)."""
+    """`auto` settings as bools: SQuAD v2 when the data has unanswerable questions, and the end token with it."""
     version_2 = resolve_version_2(cfg, splits)
-    end_token = cfg.qa_end_token
-    if end_token == "auto":
-        end_token = version_2
-    elif not isinstance(end_token, bool):
-        raise ConfigError(f"data.qa_end_token={end_token!r} must be auto, true or false.")
-    return replace(cfg, version_2_with_negative=version_2, qa_end_token=end_token)
+    return resolve_end_token(replace(cfg, version_2_with_negative=version_2), version_2)
 
 
 def _is_rank_zero() -> bool:

@@ -222,12 +222,11 @@ def _cls_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predic
 
 def _qa_predictor(model, tokenizer, cfg: DataConfig, input_name: str) -> Predictor:
     from finetune.data import postprocess_qa_predictions
-    from finetune.data.qa import build_qa_features, check_qa_rows, qa_params
+    from finetune.data.qa import build_qa_features, check_qa_rows, qa_params, resolve_end_token
 
     # Prediction rows carry no gold answers, so the no-answer slot is always allowed while building features.
     # Without data to look at, `auto` means SQuAD v1: pass data.version_2_with_negative=true for a v2 model.
-    if cfg.qa_end_token == "auto":
-        cfg = dataclasses.replace(cfg, qa_end_token=cfg.version_2_with_negative is True)
+    cfg = resolve_end_token(cfg, cfg.version_2_with_negative is True)
     params = dataclasses.replace(qa_params(cfg, keep_eval_columns=True), allow_no_answer=True)
 
     def predict(rows: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
